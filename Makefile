@@ -1,0 +1,50 @@
+# One command each: `make html` builds the book, `make test` runs every check.
+# Both create the virtual environment and the stand-in data when needed.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+NOTEBOOKS := _build/notebooks
+
+# Data lives in ./data whatever the working directory of the notebook.
+export D2L_FACE_DATA ?= $(CURDIR)/data
+export PATH := $(BIN):$(PATH)
+# The build and the tests run on the generated stand-in unless told otherwise.
+export D2L_FACE_SOURCE ?= standin
+
+.PHONY: setup standin lib notebooks test html bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	# nbconvert looks for `pandoc` on PATH; the pypandoc_binary wheel ships one.
+	ln -sf "$$($(BIN)/python -c 'import pypandoc; print(pypandoc.get_pandoc_path())')" $(BIN)/pandoc
+	touch $@
+
+standin: $(STAMP)
+	$(BIN)/python -m d2l_face.standin --root "$(D2L_FACE_DATA)/standin"
+
+lib: $(STAMP)
+	$(BIN)/d2lbook build lib
+
+notebooks: $(STAMP)
+	$(BIN)/python tools/md2ipynb.py $(NOTEBOOKS)
+
+test: $(STAMP) standin notebooks
+	$(BIN)/python -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env \
+		--nbval-cell-timeout=1800 -p no:cacheprovider
+
+html: $(STAMP) standin
+	$(BIN)/d2lbook build html
+
+bench: $(STAMP) standin
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf _build .pytest_cache .hypothesis
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

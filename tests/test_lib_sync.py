@@ -1,0 +1,41 @@
+"""The committed d2l_face/mxnet.py must be exactly what the notebooks make."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def build_lib_in_copy(tmp_path):
+    """Run `d2lbook build lib` in a copy of the sources and return the copy."""
+    copy = tmp_path / 'repo'
+    copy.mkdir()
+    for name in ['config.ini', 'index.md']:
+        shutil.copy(os.path.join(REPO, name), copy / name)
+    for folder in ['chapter_face_recognition', 'd2l_face']:
+        shutil.copytree(os.path.join(REPO, folder), copy / folder,
+                        ignore=shutil.ignore_patterns('__pycache__'))
+    d2lbook = os.path.join(os.path.dirname(sys.executable), 'd2lbook')
+    subprocess.run([d2lbook, 'build', 'lib'], cwd=copy, check=True,
+                   capture_output=True)
+    return copy
+
+
+@pytest.mark.parametrize('module', ['mxnet.py', '__init__.py'])
+def test_committed_library_equals_notebooks(tmp_path, module):
+    copy = build_lib_in_copy(tmp_path)
+    with open(os.path.join(REPO, 'd2l_face', module)) as f:
+        committed = f.read()
+    generated = (copy / 'd2l_face' / module).read_text()
+    assert committed == generated, (
+        f'd2l_face/{module} is out of date with the notebooks: run `make lib`')
+
+
+def test_saved_cells_reach_the_library():
+    from d2l_face import mxnet as d2lf
+    for name in ['read_facerec_meta', 'FaceDataset', 'load_data_face_rec',
+                 'face_align']:
+        assert hasattr(d2lf, name), name
