@@ -1,0 +1,776 @@
+"""A generated stand-in for the CASIA-WebFace "ultrasmall" face dataset.
+
+When the real data cannot be downloaded, the chapter trains on synthetic
+faces written in exactly the real on-disk format::
+
+    root/faces-casia-ultrasmall/property        "300,112,112"
+    root/faces-casia-ultrasmall/00000000/00000000.jpg ...  one folder a person
+    root/faces-casia-ultrasmall/lfw_small.bin   verification pairs
+    root/wild/wild_000.jpg ... landmarks.json   faces placed in larger scenes
+    root/.standin-complete.json                 cache marker, written last
+    root/.standin.lock                          held while generating
+
+Each identity fixes its face shape, skin, hair, eyes, eyebrows, nose, mouth
+and a few marks (moles, freckles, glasses, beard); each image varies pose,
+expression, lighting, colour cast, background, occlusion, blur, noise and
+JPEG quality. Unperturbed, a face's five landmarks sit on the ArcFace
+112x112 template, so the crops are "aligned" like the real ones. The 600
+verification pairs (InsightFace's `.bin` format: a pickled tuple of JPEG
+bytes and "same person" flags) use identities that never appear in the
+training folders. The defaults (300 identities, 50 images each) take about
+50 CPU-seconds, which two worker processes share.
+
+Everything is drawn with OpenCV from random numbers seeded by
+``(seed, stream, identity, image)``, so the same seed gives byte-identical
+files whatever the order or the number of worker processes.
+Run ``python -m d2l_face.standin --root DIR`` to generate from the shell.
+"""
+import argparse
+import contextlib
+import functools
+import glob
+import json
+import multiprocessing
+import os
+import pickle
+import queue as queue_module
+import shutil
+import sys
+import tempfile
+import time
+
+import cv2
+import numpy as np
+
+FORMAT_VERSION = 1
+DATASET_DIR = 'faces-casia-ultrasmall'
+WILD_DIR = 'wild'
+MARKER = '.standin-complete.json'
+SIZE = 112
+# ArcFace's landmark template for 112x112 crops: left eye, right eye, nose
+# tip, left and right mouth corners ("left" meaning the image's left).
+TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014],
+                     [56.0252, 71.7366], [41.5493, 92.3655],
+                     [70.7299, 92.2041]])
+# Identity numbers of the verification and wild faces start far above any
+# training label, so they can never be training identities.
+VAL_ID_OFFSET = 1_000_000
+WILD_ID_OFFSET = 2_000_000
+_IDENTITY, _IMAGE, _PAIRS, _WILD = range(4)  # tags that separate rng streams
+
+# Palettes in OpenCV's BGR order.
+SKIN = [(196, 224, 255), (167, 194, 241), (138, 172, 224), (98, 134, 198),
+        (72, 102, 161), (52, 78, 120), (40, 58, 92), (160, 200, 234)]
+HAIR = [(20, 22, 25), (28, 40, 60), (40, 72, 110), (30, 60, 140),
+        (110, 180, 215), (160, 215, 235), (150, 150, 150), (220, 225, 225),
+        (35, 70, 170)]
+IRIS = [(30, 60, 100), (20, 30, 45), (190, 120, 70), (80, 130, 80),
+        (140, 130, 120), (50, 110, 140)]
+FRAMES = [(20, 20, 20), (30, 50, 90), (40, 160, 200), (190, 190, 190),
+          (40, 40, 170), (150, 70, 30)]
+HAIR_STYLES = ('short', 'fringe', 'side', 'long', 'curly', 'bald')
+BEARDS = (None, None, None, None, 'moustache', 'goatee', 'full')
+
+
+def _pick(rng, palette, jitter):
+    """A palette colour with a little per-channel jitter."""
+    colour = np.array(palette[rng.integers(len(palette))], float)
+    return np.clip(colour + rng.uniform(-jitter, jitter, 3), 0, 255)
+
+
+def draw_identity_params(rng, geometry_scale=1.0):
+    """Draw the traits that stay the same in all images of one person.
+
+    Positions are in the canonical 112x112 frame; `geometry_scale` scales how
+    far the eyes, nose and mouth stray from the ArcFace template.
+    """
+    g = geometry_scale
+    eye_spread, mouth_spread = rng.uniform(-2.5, 2.5, 2) * g
+    eyes = TEMPLATE[:2] + [[-eye_spread, 0], [eye_spread, 0]]
+    eyes[:, 1] += rng.uniform(-2, 2) * g
+    mouth = TEMPLATE[3:] + [[-mouth_spread, 0], [mouth_spread, 0]]
+    mouth[:, 1] += rng.uniform(-2, 2) * g
+    skin = _pick(rng, SKIN, 12)
+    hair = _pick(rng, HAIR, 15)
+    return {
+        'skin': skin, 'hair': hair, 'iris': _pick(rng, IRIS, 15),
+        'lips': np.clip(skin * [0.75, 0.7, 1.0] - [10, 20, 0], 0, 255),
+        'style': HAIR_STYLES[rng.integers(len(HAIR_STYLES))],
+        'hairline': rng.uniform(18, 30), 'volume': rng.uniform(2, 8),
+        'part': rng.choice([-1.0, 1.0]),
+        'centre_y': 60 + rng.uniform(-1.5, 1.5) * g,
+        'half_width': rng.uniform(37, 45), 'chin': rng.uniform(47, 54),
+        'jaw': rng.uniform(1.6, 3.2),  # superellipse power: <2 pointed chin
+        'eyes': eyes,
+        'eye_size': (rng.uniform(5.5, 7.5), rng.uniform(2.4, 3.6)),
+        'iris_r': rng.uniform(2.2, 3.0),
+        'brow_gap': rng.uniform(7, 11), 'brow_thick': rng.uniform(1.2, 3.5),
+        'brow_tilt': rng.uniform(-4, 4), 'brow_arch': rng.uniform(0, 3.5),
+        'brow_len': rng.uniform(13, 18),
+        'nose': TEMPLATE[2] + [0, rng.uniform(-3, 3) * g],
+        'nose_width': rng.uniform(3.5, 6.5),
+        'mouth': mouth, 'lip_thick': (rng.uniform(1.2, 3), rng.uniform(2, 4)),
+        'mole': (rng.uniform([25, 45], [87, 100])
+                 if rng.random() < 0.45 else None),
+        'freckles': (rng.uniform([30, 55], [82, 82], (14, 2))
+                     if rng.random() < 0.15 else None),
+        'glasses': (rng.integers(2), _pick(rng, FRAMES, 10))
+                   if rng.random() < 0.25 else None,
+        'beard': BEARDS[rng.integers(len(BEARDS))],
+    }
+
+
+def draw_look(rng, wild=False):
+    """Draw what changes from image to image: pose, expression, lighting..."""
+    return {
+        'yaw': 0.0 if wild else rng.uniform(-0.35, 0.35),
+        'smile': 0.0 if wild else rng.uniform(0, 1) * (rng.random() < 0.5),
+        'open': 0.0 if wild else rng.uniform(1, 4) * (rng.random() < 0.2),
+        'raise': rng.uniform(0, 2.5),
+        'blink': not wild and rng.random() < 0.08,
+        'gaze': rng.uniform([-1, -0.5], [1, 0.5]),
+        'shirt': rng.uniform(0, 255, 3),
+        'occluder': (None if wild or rng.random() > 0.25 else
+                     ('bar', 'sunglasses', 'hand', 'scarf')[rng.integers(4)]),
+        'occluder_colour': rng.uniform(0, 255, 3),
+        'side': rng.choice([-1.0, 1.0]),  # which side a hand comes from
+    }
+
+
+def face_landmarks(person, look):
+    """The five landmarks of `person` drawn with `look`, canonical frame.
+
+    Turning the head (yaw) slides features sideways by their depth: the nose
+    tip furthest, the mouth and eyes less. A smile lifts the mouth corners.
+    """
+    pts = np.vstack([person['eyes'], person['nose'], person['mouth']])
+    pts[:, 0] += look['yaw'] * np.array([6, 6, 14, 8, 8])
+    pts[3:, 1] -= 2.5 * look['smile']
+    return pts
+
+
+class _Layer:
+    """A drawing in the canonical 112x112 frame on a supersampled canvas.
+
+    `mask` records where the person covers the background. Coordinates are
+    floats; cv2's sub-pixel `shift` keeps them exact at any scale.
+    """
+
+    def __init__(self, ss):
+        self.ss = ss
+        self.img = np.zeros((SIZE * ss, SIZE * ss, 3), np.uint8)
+        self.mask = np.zeros((SIZE * ss, SIZE * ss), np.uint8)
+
+    def _pt(self, pts):
+        # Pixel centres: canonical x maps to canvas (x + 0.5) * ss - 0.5, so
+        # the later INTER_AREA downscale brings each point back to x.
+        return np.round(((np.asarray(pts, float) + 0.5) * self.ss - 0.5)
+                        * 16).astype(np.int32)
+
+    def _len(self, v):
+        return int(round(v * self.ss * 16))
+
+    def _thick(self, t):
+        return -1 if t < 0 else max(1, int(round(t * self.ss)))
+
+    def ellipse(self, c, axes, colour, angle=0.0, arc=(0, 360), t=-1,
+                solid=False):
+        args = (tuple(self._pt(c)), (self._len(axes[0]), self._len(axes[1])),
+                angle, arc[0], arc[1])
+        cv2.ellipse(self.img, *args, tuple(map(float, colour)),
+                    self._thick(t), cv2.LINE_AA, 4)
+        if solid:
+            cv2.ellipse(self.mask, *args, 255, self._thick(t), cv2.LINE_AA, 4)
+
+    def poly(self, pts, colour, solid=False):
+        pts = [self._pt(pts)]
+        cv2.fillPoly(self.img, pts, tuple(map(float, colour)), cv2.LINE_AA, 4)
+        if solid:
+            cv2.fillPoly(self.mask, pts, 255, cv2.LINE_AA, 4)
+
+    def line(self, pts, colour, t):
+        cv2.polylines(self.img, [self._pt(pts)], False,
+                      tuple(map(float, colour)), self._thick(t),
+                      cv2.LINE_AA, 4)
+
+
+def _face_outline(p, n=40):
+    """Face contour: a superellipse whose lower half has its own jaw power."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    s, c = np.sin(t), np.cos(t)
+    power = np.where(c >= 0, 2.2, p['jaw'])
+    height = np.where(c >= 0, 56.0, p['chin'])
+    x = 56 + p['half_width'] * np.sign(s) * np.abs(s) ** (2 / power)
+    y = p['centre_y'] - height * np.sign(c) * np.abs(c) ** (2 / power)
+    return np.stack([x, y], 1)
+
+
+def _hair_top(p):
+    """Polygon of the hair above the hairline, outside then back along it."""
+    a, v, cy = p['half_width'], p['volume'], p['centre_y']
+    t = np.linspace(np.pi, 2 * np.pi, 24)
+    outer = np.stack([56 + (a + v) * np.cos(t), cy + (56 + v) * np.sin(t)], 1)
+    if p['style'] == 'curly':  # a bumpy outline reads as curls
+        bumps = 2.5 * np.sin(9 * t)
+        outer += np.stack([bumps * np.cos(t), bumps * np.sin(t)], 1)
+    x = np.linspace(56 + a - 2, 56 - a + 2, 16)
+    u = (x - 56) / a
+    line = {'short': p['hairline'] + 8 * u ** 2,
+            'fringe': p['hairline'] + 9 + 1.5 * np.cos(12 * u),
+            'side': p['hairline'] + 6 * p['part'] * u + 6 * u ** 2,
+            'long': p['hairline'] + 9 * np.abs(u),
+            'curly': p['hairline'] + 2 + 6 * u ** 2}[p['style']]
+    if p['style'] == 'long':  # strands fall past the cheeks to the jaw
+        sides = [[56 + a - 1, cy + 28], [56 + a - 5, cy]]
+    else:
+        sides = [[56 + a - 1, cy - 10]]
+    inner = np.vstack([sides, np.stack([x, line], 1),
+                       np.array(sides[::-1]) * [-1, 1] + [112, 0]])
+    return np.vstack([outer, inner])
+
+
+def _draw_head(L, p, look, lm):
+    """Body, neck, ears, face and beard."""
+    skin, hair = p['skin'], p['hair']
+    L.ellipse((56, 138), (64, 34), look['shirt'], solid=True)
+    L.poly([(39, 80), (73, 80), (76, 125), (36, 125)], skin * 0.8, solid=True)
+    if p['style'] == 'long':
+        L.ellipse((56, p['centre_y'] + 8), (p['half_width'] + 9, 66), hair,
+                  solid=True)
+    for side in (-1, 1):  # the ear away from the viewer slips behind the head
+        shift = 3 * look['yaw'] * side
+        L.ellipse((56 + side * (p['half_width'] - 1 - shift), lm[0, 1] + 9),
+                  (5 - abs(shift) / 2, 10), skin * 0.88, solid=True)
+    outline = _face_outline(p)
+    outline[:, 0] += 2 * look['yaw'] * (outline[:, 1] > p['centre_y'])
+    L.poly(outline, skin, solid=True)
+    if p['beard'] == 'full':
+        below = outline[outline[:, 1] > lm[3, 1] - 6]
+        angle = np.arctan2(below[:, 1] - 60, below[:, 0] - 56)
+        below = below[np.argsort(angle)]  # the jaw from right to left
+        L.poly(below, hair)
+
+
+def _draw_features(L, p, look, lm):
+    """Nose, mouth, eyes and eyebrows at the landmarks `lm`."""
+    skin, dark = p['skin'], p['skin'] * 0.6
+    nose, w = lm[2], p['nose_width']
+    L.line([(nose[0] - 2 + look['yaw'] * 4, lm[0, 1] + 5),
+            (nose[0] - w * 0.6, nose[1] - 3)], skin * 0.82, 1.2)
+    L.ellipse(nose + [0, -1], (w, 3), skin * 0.78, arc=(0, 180), t=1)
+    for side in (-1, 1):
+        L.ellipse(nose + [side * w * 0.5, 0.3], (1.5, 0.9), dark * 0.7)
+    left, right = lm[3], lm[4]
+    mid = (left + right) / 2 + [0, 2.5 * look['smile']]
+    up, low = p['lip_thick']
+    bow = [(mid[0] - 3, mid[1] - up - 0.5), (mid[0], mid[1] - up + 0.7),
+           (mid[0] + 3, mid[1] - up - 0.5)]
+    lower = [(mid[0] + 5, mid[1] + low + look['open']),
+             (mid[0] - 5, mid[1] + low + look['open'])]
+    L.poly([left, *bow, right, *lower], p['lips'])
+    if look['open'] > 0:
+        L.ellipse(mid + [0, look['open'] / 2], (9, look['open'] / 2 + 0.5),
+                  (40, 30, 60))
+    L.line([left, mid + [0, look['open'] * 0.3], right], p['lips'] * 0.6, 0.8)
+    if p['beard'] in ('moustache', 'full'):
+        top = mid[1] - up
+        L.poly([left + [-2, 1], (left[0] + 4, top - 5), (mid[0], top - 3.5),
+                (right[0] - 4, top - 5), right + [2, 1], (mid[0], top - 0.5)],
+               p['hair'])
+    if p['beard'] == 'goatee':
+        L.ellipse(mid + [0, low + 8], (7, 6), p['hair'])
+    ew, eh = p['eye_size']
+    for i, side in ((0, -1), (1, 1)):
+        c = lm[i]
+        width = ew * (1 + 0.5 * look['yaw'] * side)  # the far eye narrows
+        if look['blink']:
+            L.ellipse(c, (width, 1.5), dark * 0.6, arc=(0, 180), t=1)
+        else:
+            L.ellipse(c, (width, eh), (235, 240, 240))
+            iris = c + look['gaze']
+            L.ellipse(iris, (p['iris_r'], min(p['iris_r'], eh)), p['iris'])
+            pupil = p['iris_r'] * 0.45
+            L.ellipse(iris, (pupil, pupil), (15, 15, 15))
+            L.ellipse(iris + [-0.8, -0.8], (0.6, 0.6), (255, 255, 255))
+            L.ellipse(c, (width, eh), dark * 0.5, arc=(180, 360), t=0.9)
+        brow_y = c[1] - p['brow_gap'] - look['raise']
+        xs = np.linspace(-0.45, 0.55, 6) * p['brow_len']
+        ys = (brow_y + p['brow_tilt'] * xs / p['brow_len']
+              - p['brow_arch'] * (1 - (2 * xs / p['brow_len']) ** 2))
+        L.line(np.stack([c[0] + side * xs, ys], 1), p['hair'] * 0.7,
+               p['brow_thick'])
+
+
+def _draw_extras(L, p, look, lm):
+    """Marks, hair on top, glasses and occluders that move with the face."""
+    if p['mole'] is not None:
+        L.ellipse(p['mole'], (1.2, 1.2), p['skin'] * 0.35)
+    if p['freckles'] is not None:
+        for f in p['freckles']:
+            L.ellipse(f, (0.7, 0.7), p['skin'] * [0.6, 0.7, 0.85])
+    if p['style'] != 'bald':
+        L.poly(_hair_top(p), p['hair'], solid=True)
+    else:
+        for side in (-1, 1):
+            L.ellipse((56 + side * (p['half_width'] + 0.5), lm[0, 1] - 8),
+                      (3, 7), p['hair'], solid=True)
+    if p['glasses'] is not None:
+        shape, colour = p['glasses']
+        r = p['eye_size'][0] + 3.5
+        for c in lm[:2]:
+            if shape:
+                L.ellipse(c, (r, r * 0.8), colour, t=1.3)
+            else:
+                L.poly(c + [(-r, -r * 0.7), (r, -r * 0.7), (r, r * 0.7),
+                            (-r, r * 0.7)], colour)
+                q = (r - 1.3, r * 0.7 - 1.3)  # the lens inside the frame
+                L.poly(c + [(-q[0], -q[1]), (q[0], -q[1]), q, (-q[0], q[1])],
+                       p['skin'])
+        L.line([lm[0] + [r, 0], lm[1] - [r, 0]], colour, 1.3)
+    kind, colour = look['occluder'], look['occluder_colour']
+    if kind == 'sunglasses':  # covers the eyes; the mouth stays visible
+        for c in lm[:2]:
+            L.ellipse(c + [0, 1], (10, 7), (25, 25, 25))
+        L.line([lm[0] + [9, 0], lm[1] - [9, 0]], (25, 25, 25), 1.5)
+    elif kind == 'scarf':  # covers mouth and chin; the eyes stay visible
+        top = lm[2, 1] + 6
+        L.poly([(10, top), (102, top), (102, 125), (10, 125)], colour,
+               solid=True)
+    elif kind == 'hand':  # one side of the lower face
+        side = look['side']
+        hand = p['skin'] * 0.95
+        L.ellipse((56 + side * 22, 100), (16, 20), hand, angle=side * 20)
+        for k in range(4):
+            L.ellipse((56 + side * (10 + 6 * k), 80 + 2 * k), (3, 13), hand,
+                      angle=side * 10)
+
+
+def draw_face(person, look, ss=2):
+    """Draw a face in the canonical frame: (BGR, mask), each ss x 112 px."""
+    L = _Layer(ss)
+    lm = face_landmarks(person, look)
+    _draw_head(L, person, look, lm)
+    _draw_features(L, person, look, lm)
+    _draw_extras(L, person, look, lm)
+    return L.img, L.mask
+
+
+def _similarity(scale, angle_deg, centre, target):
+    """2x3 matrix: turn and scale about `centre`, then move it to `target`."""
+    M = cv2.getRotationMatrix2D(tuple(map(float, centre)), angle_deg, scale)
+    M[:, 2] += np.asarray(target, float) - centre
+    return M
+
+
+@functools.lru_cache(maxsize=4)
+def _grid(h, w):
+    """Pixel coordinates relative to the image centre, in half-widths."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = max(h, w) / 2
+    return (xx - w / 2) / r, (yy - h / 2) / r
+
+
+def _ramp(h, w, angle):
+    """A linear ramp across the image, -1..1 along the direction `angle`."""
+    xx, yy = _grid(h, w)
+    return np.float32(np.cos(angle)) * xx + np.float32(np.sin(angle)) * yy
+
+
+def _background(rng, h, w, clutter):
+    """A two-colour gradient with random shapes: clutter to ignore."""
+    a, b = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+    t = 0.5 + 0.35 * _ramp(h, w, rng.uniform(0, 2 * np.pi))
+    img = (a + (b - a) * t[..., None]).astype(np.uint8)
+    for _ in range(rng.integers(clutter // 2, clutter + 1)):
+        colour = tuple(map(float, rng.uniform(0, 255, 3)))
+        x0, y0 = rng.uniform(0, [w, h]).astype(int)
+        x1, y1 = (np.array([x0, y0])
+                  + rng.uniform(-0.4, 0.4, 2) * [w, h]).astype(int)
+        kind = rng.integers(3)
+        if kind == 0:
+            cv2.rectangle(img, (x0, y0), (x1, y1), colour, -1)
+        elif kind == 1:
+            cv2.circle(img, (x0, y0), int(abs(x1 - x0) / 2) + 2, colour, -1)
+        else:
+            cv2.line(img, (x0, y0), (x1, y1), colour, int(rng.integers(1, 5)))
+    return img
+
+
+def _place(img, mask, bg, M, shape):
+    """Warp a canonical face and its mask by M and lay it over `bg`."""
+    size = (shape[1], shape[0])
+    face = cv2.warpAffine(img, M, size, flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+    alpha = cv2.warpAffine(mask, M, size, flags=cv2.INTER_LINEAR)
+    alpha = alpha.astype(np.float32)[..., None] / 255
+    return bg + (face - bg) * alpha
+
+
+def _light_and_noise(rng, img, strength):
+    """Contrast, brightness, colour cast, a directional light, blur, noise.
+
+    `img` is float32 and is changed in place; returns uint8.
+    """
+    h, w = img.shape[:2]
+    mean = img.mean()
+    img -= mean
+    img *= rng.uniform(1 - 0.3 * strength, 1 + 0.2 * strength)  # contrast
+    img += mean
+    gain = rng.uniform(1 - 0.45 * strength, 1 + 0.3 * strength)
+    cast = rng.uniform(1 - 0.3 * strength, 1 + 0.3 * strength, 3)
+    img *= (gain * cast).astype(np.float32)
+    light = 1 + np.float32(rng.uniform(0, 0.6 * strength)) * _ramp(
+        h, w, rng.uniform(0, 2 * np.pi))
+    img *= light[..., None]
+    img += (rng.uniform(-20, 20, 3) * strength).astype(np.float32)
+    if rng.random() < 0.3 * strength:
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.4, 1.1))
+    noise = rng.standard_normal(img.shape, dtype=np.float32)
+    noise *= np.float32(rng.uniform(1, 6))
+    img += noise
+    img += 0.5
+    return np.clip(img, 0, 255, out=img).astype(np.uint8)
+
+
+def render_image(person, rng):
+    """One aligned 112x112 BGR crop of `person`; everything else from `rng`."""
+    look = draw_look(rng)
+    img, mask = draw_face(person, look)
+    img = cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    mask = cv2.resize(mask, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    # Residual pose of an imperfect alignment: small turn, zoom and shift.
+    centre = TEMPLATE.mean(0)
+    M = _similarity(rng.uniform(0.9, 1.1), np.clip(rng.normal(0, 6), -15, 15),
+                    centre, centre + np.clip(rng.normal(0, 3, 2), -8, 8))
+    out = _place(img, mask, _background(rng, SIZE, SIZE, 8).astype(np.float32),
+                 M, (SIZE, SIZE))
+    if look['occluder'] == 'bar':  # never tall enough to hide eyes and mouth
+        x, y = rng.uniform(0, SIZE, 2)
+        bw, bh = rng.uniform([20, 8], [50, 20])
+        x0, x1 = int(max(x - bw / 2, 0)), int(x + bw / 2)
+        out[int(y):int(y + bh), x0:x1] = look['occluder_colour']
+    return _light_and_noise(rng, out, 0.6), int(rng.integers(40, 96))
+
+
+def render_wild(person, rng, size=(400, 300)):
+    """A scene with one face turned and scaled; return (BGR, landmarks)."""
+    w, h = size
+    look = draw_look(rng, wild=True)
+    side = rng.uniform(80, 180)  # on-scene size of the 112 px crop
+    angle = rng.uniform(-30, 30)
+    img, mask = draw_face(person, look)  # 2x canvas: 224 px > any `side`
+    n = int(np.ceil(side))
+    img = cv2.resize(img, (n, n), interpolation=cv2.INTER_AREA)
+    mask = cv2.resize(mask, (n, n), interpolation=cv2.INTER_AREA)
+    # Fade the shoulders out so the canvas border does not show in the scene.
+    fade = np.clip((1 - np.arange(n) / n) / 0.12, 0, 1)
+    mask = (mask * fade[:, None]).astype(np.uint8)
+    centre = TEMPLATE.mean(0)
+    target = rng.uniform(0.6 * side, [w - 0.6 * side, h - 0.6 * side])
+    M = _similarity(side / SIZE, angle, centre, target)  # canonical -> scene
+    k = n / SIZE  # resized pixel centres: r = (x + 0.5) * k - 0.5
+    to_canon = np.array([[1 / k, 0, 0.5 / k - 0.5], [0, 1 / k, 0.5 / k - 0.5],
+                         [0, 0, 1]])
+    out = _place(img, mask, _background(rng, h, w, 30).astype(np.float32),
+                 M @ to_canon, (h, w))
+    lm = face_landmarks(person, look) @ M[:, :2].T + M[:, 2]
+    return _light_and_noise(rng, out, 0.4), lm
+
+
+def _jpeg(img, quality):
+    ok, buf = cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError('JPEG encoding failed')
+    return buf.tobytes()
+
+
+def _person(seed, identity, geometry_scale=1.0):
+    rng = np.random.default_rng([seed, _IDENTITY, identity])
+    return draw_identity_params(rng, geometry_scale)
+
+
+def image_bytes(seed, identity, index):
+    """JPEG bytes of image `index` of `identity` (training or validation)."""
+    rng = np.random.default_rng([seed, _IMAGE, identity, index])
+    return _jpeg(*render_image(_person(seed, identity), rng))
+
+
+def _work(seed, per_class, out_dir, identities, keys):
+    """Write the folders of `identities`, then render the images `keys`.
+
+    Yields ('identity', number) as each folder is done, then
+    ('images', {key: JPEG bytes}) for the verification images.
+    """
+    for identity in identities:
+        folder = os.path.join(out_dir, f'{identity:08d}')
+        os.makedirs(folder)
+        for k in range(per_class):
+            with open(os.path.join(folder, f'{k:08d}.jpg'), 'wb') as f:
+                f.write(image_bytes(seed, identity, k))
+        yield 'identity', identity
+    yield 'images', {key: image_bytes(seed, *key) for key in keys}
+
+
+def _worker_main(queue, *args):
+    """Body of a worker process: pass on what `_work` yields."""
+    cv2.setNumThreads(1)  # one process per core already keeps them busy
+    for event in _work(*args):
+        queue.put(event)
+    queue.put(('done', None))
+
+
+def _run_workers(workers, seed, per_class, out_dir, identities, keys):
+    """Yield the events of `_work` from `workers` spawned processes.
+
+    A worker that dies (say, killed, or it crashed while importing) stops
+    the run with an error instead of leaving us waiting forever.
+    """
+    # Not fork: a forked child can hang on the parent's OpenCV thread pool.
+    ctx = multiprocessing.get_context('spawn')
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, daemon=True,
+                         args=(queue, seed, per_class, out_dir,
+                               identities[w::workers], keys[w::workers]))
+             for w in range(workers)]
+    for proc in procs:
+        proc.start()
+    try:
+        running = workers
+        while running:
+            try:
+                kind, value = queue.get(timeout=1)
+            except queue_module.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError('stand-in: a worker process failed, '
+                                       'see its error above') from None
+                continue
+            if kind == 'done':
+                running -= 1
+            else:
+                yield kind, value
+        for proc in procs:
+            proc.join()
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+
+
+def validation_identities(num_pairs):
+    """The identity numbers the verification pairs are drawn from."""
+    return list(range(VAL_ID_OFFSET, VAL_ID_OFFSET + max(2, num_pairs // 2)))
+
+
+def _pair_plan(seed, num_pairs):
+    """Half same-person, half different-person pairs, in a seeded order.
+
+    Each pair is ((identity, image), (identity, image), issame).
+    """
+    ids = validation_identities(num_pairs)
+    n, half = len(ids), num_pairs // 2
+    rng = np.random.default_rng([seed, _PAIRS])
+    plan = [((ids[i % n], 2 * (i // n)), (ids[i % n], 2 * (i // n) + 1), True)
+            for i in range(half)]
+    for j in range(half):
+        a, b = j % n, (j + int(rng.integers(1, n))) % n
+        plan.append(((ids[a], 1000 + j // n), (ids[b], 2000 + j // n), False))
+    return [plan[i] for i in rng.permutation(len(plan))]
+
+
+def _pair_images(plan):
+    return sorted({key for a, b, _ in plan for key in (a, b)})
+
+
+def _assemble_pairs(plan, jpeg):
+    bins = [jpeg[key] for a, b, _ in plan for key in (a, b)]
+    return bins, [bool(same) for _, _, same in plan]
+
+
+def make_verification_pairs(seed=0, num_pairs=600):
+    """Return (bins, issame_list): the contents of `lfw_small.bin`."""
+    plan = _pair_plan(seed, num_pairs)
+    jpeg = {key: image_bytes(seed, *key) for key in _pair_images(plan)}
+    return _assemble_pairs(plan, jpeg)
+
+
+def make_wild(seed, num_wild, out_dir):
+    """Write the wild scenes and `landmarks.json` into `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    landmarks = {}
+    for i in range(num_wild):
+        person = _person(seed, WILD_ID_OFFSET + i, geometry_scale=0.2)
+        img, lm = render_wild(person, np.random.default_rng([seed, _WILD, i]))
+        name = f'wild_{i:03d}.jpg'
+        with open(os.path.join(out_dir, name), 'wb') as f:
+            f.write(_jpeg(img, 90))
+        landmarks[name] = np.round(lm, 3).tolist()
+    with open(os.path.join(out_dir, 'landmarks.json'), 'w') as f:
+        json.dump(landmarks, f, indent=1, sort_keys=True)
+
+
+def _check_args(num_classes, images_per_class, num_val_pairs, num_wild, seed):
+    for name, value in [('num_classes', num_classes), ('seed', seed),
+                        ('images_per_class', images_per_class),
+                        ('num_val_pairs', num_val_pairs),
+                        ('num_wild', num_wild)]:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f'{name} must be an int, not {value!r}')
+    if seed < 0:
+        raise ValueError(f'seed must be >= 0, not {seed}')
+    if not 1 <= num_classes <= VAL_ID_OFFSET:
+        raise ValueError(f'num_classes must be in [1, {VAL_ID_OFFSET}], '
+                         f'not {num_classes}')
+    if images_per_class < 1:
+        raise ValueError(f'images_per_class must be >= 1, '
+                         f'not {images_per_class}')
+    if num_val_pairs < 2 or num_val_pairs % 2:
+        raise ValueError(f'num_val_pairs must be even and >= 2, '
+                         f'not {num_val_pairs}')
+    if num_wild < 0:
+        raise ValueError(f'num_wild must be >= 0, not {num_wild}')
+
+
+def _read_marker(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def generate(root, seed=0, num_classes=300, images_per_class=50,
+             num_val_pairs=600, num_wild=8, force=False, workers=None):
+    """Generate the stand-in under `root` (once); return its dataset folder.
+
+    A marker file written last records the parameters; when it matches, the
+    files are reused. Anything else (no marker, other parameters, `force`)
+    rebuilds everything in a temporary folder that is moved into place.
+    `workers` (default: up to 2 processes for big runs) does not change
+    the output.
+    """
+    _check_args(num_classes, images_per_class, num_val_pairs, num_wild, seed)
+    params = {'format_version': FORMAT_VERSION, 'seed': int(seed),
+              'num_classes': int(num_classes),
+              'images_per_class': int(images_per_class),
+              'num_val_pairs': int(num_val_pairs), 'num_wild': int(num_wild)}
+    root = os.path.abspath(root)
+    dataset = os.path.join(root, DATASET_DIR)
+    if not force and _is_complete(root, params):
+        return dataset
+    if getattr(multiprocessing.current_process(), '_inheriting', False):
+        # We are a worker process importing a script that calls generate()
+        # at the top level; waiting for the lock its parent holds would hang.
+        raise RuntimeError('stand-in: generate() was called while a worker '
+                           'process imported the main script; call it under '
+                           "`if __name__ == '__main__':`")
+    os.makedirs(root, exist_ok=True)
+    with _exclusive(os.path.join(root, '.standin.lock')):
+        # Another process may have built the same thing while we waited.
+        if not force and _is_complete(root, params):
+            return dataset
+        _rebuild(root, params, workers)
+    return dataset
+
+
+def _is_complete(root, params):
+    marker = _read_marker(os.path.join(root, MARKER))
+    return bool(marker and marker.get('params') == params
+                and os.path.isdir(os.path.join(root, DATASET_DIR))
+                and os.path.isdir(os.path.join(root, WILD_DIR)))
+
+
+@contextlib.contextmanager
+def _exclusive(path):
+    """Hold a lock file so that only one process at a time builds in a root."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks, build unguarded
+        yield
+        return
+    with open(path, 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _rebuild(root, params, workers):
+    """Build in a temporary folder, move it into place, then write the marker.
+
+    The marker goes first and comes back last, so an interrupted run is never
+    taken for a complete one.
+    """
+    start = time.time()
+    marker = os.path.join(root, MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
+    for stale in glob.glob(os.path.join(root, '.standin-tmp-*')):
+        shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
+    tmp = tempfile.mkdtemp(prefix='.standin-tmp-', dir=root)
+    try:
+        _build(tmp, params, workers)
+        for name in (DATASET_DIR, WILD_DIR):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            os.replace(os.path.join(tmp, name), os.path.join(root, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    info = {'params': params,
+            'train_identities': list(range(params['num_classes'])),
+            'val_identities': validation_identities(params['num_val_pairs']),
+            'wild_identities': [WILD_ID_OFFSET + i
+                                for i in range(params['num_wild'])]}
+    with open(marker + '.tmp', 'w') as f:
+        json.dump(info, f)
+    os.replace(marker + '.tmp', marker)
+    print(f'stand-in: wrote {root} ({DATASET_DIR}, {WILD_DIR}) in '
+          f'{time.time() - start:.1f} s', file=sys.stderr)
+
+
+def _build(tmp, params, workers):
+    """Write all files of the stand-in below the folder `tmp`."""
+    seed, n = params['seed'], params['num_classes']
+    out = os.path.join(tmp, DATASET_DIR)
+    os.makedirs(out)
+    with open(os.path.join(out, 'property'), 'w') as f:
+        f.write(f'{n},{SIZE},{SIZE}\n')
+    plan = _pair_plan(seed, params['num_val_pairs'])
+    keys = _pair_images(plan)
+    if workers is None:  # starting processes costs about a second
+        big = n * params['images_per_class'] + len(keys) > 2000
+        workers = min(2, os.cpu_count() or 1) if big else 1
+    args = (seed, params['images_per_class'], out, list(range(n)), keys)
+    events = _run_workers(workers, *args) if workers > 1 else _work(*args)
+    done, shown, jpeg = 0, 0, {}
+    for kind, value in events:
+        if kind == 'images':
+            jpeg.update(value)
+            continue
+        done += 1
+        if done == n or done - shown >= n / 10:
+            print(f'stand-in: {done}/{n} identities', file=sys.stderr)
+            shown = done
+    bins, issame = _assemble_pairs(plan, jpeg)
+    with open(os.path.join(out, 'lfw_small.bin'), 'wb') as f:
+        pickle.dump((bins, issame), f, protocol=4)
+    print(f'stand-in: {len(issame)} verification pairs', file=sys.stderr)
+    make_wild(seed, params['num_wild'], os.path.join(tmp, WILD_DIR))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Generate the synthetic faces-casia-ultrasmall stand-in.')
+    parser.add_argument('--root', required=True, help='output folder')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--force', action='store_true',
+                        help='regenerate even if a complete copy is there')
+    args = parser.parse_args(argv)
+    print(generate(args.root, seed=args.seed, force=args.force))
+
+
+if __name__ == '__main__':
+    # Run through the package's module so that worker processes, which
+    # import d2l_face.standin, find the same functions.
+    from d2l_face.standin import main as _main
+    _main()
