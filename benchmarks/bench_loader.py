@@ -1,0 +1,178 @@
+"""Figure 1: training loader throughput, images/s over full epochs.
+
+(a) the source text's loader: a per-file gluon Dataset reading each JPEG
+    with npx.image.imread, RandomFlipLeftRight + ToTensor, and a DataLoader
+    with d2l.get_dataloader_workers() worker processes (reimplemented here);
+(b) the project's loader, d2lf.load_data_face_rec (the packed RecordIO file
+    read by FaceRecordIter);
+(c) the limit: only cv2.imdecode of the same JPEG bytes (already in memory)
+    in one thread per core, nothing else.
+Also shown, not targets: (c2) decode plus the uint8 -> float32 (3, h, w)
+conversion in one thread per core, without flips, batching or MXNet, the
+least work any loader producing float32 batches must do; (d) MXNet's own
+mx.io.ImageRecordIter over the same pack (preprocess_threads = cores,
+rand_mirror, scale 1/255), the ready-made alternative to (b).
+
+Every epoch is the same 29 batches of 512 images of the stand-in (14,848
+images), flipped at random and converted to float32 (N, 3, 112, 112); each
+batch is waited for (wait_to_read), as a training step would.
+"""
+import argparse
+import concurrent.futures
+import glob
+import os
+
+import _common
+from _common import emit, median, paired_ratio, rates, round_robin, spread
+
+import cv2
+import mxnet as mx
+import numpy as onp
+from d2l import mxnet as d2l
+from mxnet import gluon, npx
+from mxnet.gluon.data.vision import transforms
+
+from d2l_face import mxnet as d2lf
+
+npx.set_np()
+BATCH_SIZE = 512
+
+
+class SourceFaceDataset(gluon.data.Dataset):
+    """Baseline (a): the per-file dataset of the source text."""
+    def __init__(self, data_dir):
+        _, num_classes = d2lf.read_facerec_meta(data_dir)
+        self.transform = transforms.Compose([
+            transforms.RandomFlipLeftRight(), transforms.ToTensor()])
+        self.items = []
+        for label in range(num_classes):
+            folder = os.path.join(data_dir, '%08d' % label)
+            self.items += [(path, label) for path in
+                           glob.glob(os.path.join(folder, '*.jpg'))]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, idx):
+        path, label = self.items[idx]
+        return self.transform(npx.image.imread(path)), label
+
+
+def consume(loader):
+    """Run one epoch, waiting for every batch; return the image count."""
+    count = 0
+    for X, y in loader:
+        X.wait_to_read()
+        y.wait_to_read()
+        assert X.shape[1:] == (3, 112, 112) and X.dtype == onp.float32
+        count += X.shape[0]
+    return count
+
+
+def consume_record_iter(record_iter):
+    """(d): one epoch of mx.io.ImageRecordIter; return the image count."""
+    count = 0
+    record_iter.reset()
+    for batch in record_iter:
+        batch.data[0].wait_to_read()
+        count += batch.data[0].shape[0] - batch.pad
+    return count
+
+
+def decode_only(jpegs, pool, num_threads):
+    """Limit (c): decode every JPEG, one contiguous share per thread."""
+    def decode(share):
+        for jpeg in share:
+            cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
+    shares = [jpegs[t::num_threads] for t in range(num_threads)]
+    list(pool.map(decode, shares))
+    return len(jpegs)
+
+
+def decode_and_convert(jpegs, pool, num_threads, outs):
+    """(c2): decode and convert to float32 RGB (3, h, w), nothing else.
+
+    Each thread writes into its own batch-sized array, as a loader must:
+    writing 150 KB of floats per image to memory is a large part of the
+    cost, which a small array that stays in the cache would hide."""
+    def work(t):
+        rgb, out = onp.empty((3, 112, 112), onp.uint8), outs[t]
+        for i, jpeg in enumerate(jpegs[t::num_threads]):
+            cv2.split(cv2.imdecode(jpeg, cv2.IMREAD_COLOR),
+                      [rgb[2], rgb[1], rgb[0]])
+            x = out[i % len(out)]
+            x[...] = rgb
+            x /= 255
+    list(pool.map(work, range(num_threads)))
+    return len(jpegs)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--repeats', type=int, default=5)
+    args = parser.parse_args()
+    data_dir = _common.dataset_dir()
+    print(f'data: {data_dir}; load {_common.load()}')
+
+    num_threads = os.cpu_count()
+    simple = gluon.data.DataLoader(
+        SourceFaceDataset(data_dir), BATCH_SIZE, shuffle=True,
+        last_batch='discard', num_workers=d2l.get_dataloader_workers())
+    fast, _ = d2lf.load_data_face_rec(data_dir, (), BATCH_SIZE)
+    prefix = d2lf.pack_face_records(data_dir)  # made by the line above
+    record_iter = mx.io.ImageRecordIter(
+        path_imgrec=prefix + '.rec', path_imgidx=prefix + '.idx',
+        data_shape=(3, 112, 112), batch_size=BATCH_SIZE, shuffle=True,
+        rand_mirror=True, scale=1 / 255, preprocess_threads=num_threads,
+        round_batch=False, verbose=False)
+    per_epoch = len(fast) * BATCH_SIZE
+    items = d2lf.list_facerec_images(data_dir)
+    jpegs = []
+    for path, _ in items[:per_epoch]:
+        with open(path, 'rb') as f:
+            jpegs.append(onp.frombuffer(f.read(), onp.uint8))
+    pool = concurrent.futures.ThreadPoolExecutor(num_threads)
+    outs = [onp.zeros((BATCH_SIZE, 3, 112, 112), onp.float32)
+            for _ in range(num_threads)]
+    print(f'{len(items)} images, {per_epoch} per epoch in batches of '
+          f'{BATCH_SIZE}; {num_threads} threads; DataLoader workers: '
+          f'{d2l.get_dataloader_workers()} processes; {args.repeats} rounds')
+
+    runs = round_robin({
+        'a': lambda: consume(simple),
+        'b': lambda: consume(fast),
+        'c': lambda: decode_only(jpegs, pool, num_threads),
+        'c2': lambda: decode_and_convert(jpegs, pool, num_threads, outs),
+        'd': lambda: consume_record_iter(record_iter),
+    }, repeats=args.repeats)
+    names = {'a': '(a) source DataLoader, per-file imread',
+             'b': '(b) d2lf.load_data_face_rec (packed)',
+             'c': '(c) limit: cv2.imdecode only, all cores',
+             'c2': '(c2) decode + float32 conversion only',
+             'd': '(d) mx.io.ImageRecordIter on the pack'}
+    for key, name in names.items():
+        print(f'  {name:42s} {spread(rates(runs[key]))} images/s')
+    a, b, c, c2, d = (median(rates(runs[k]))
+                      for k in ('a', 'b', 'c', 'c2', 'd'))
+    r = {k: paired_ratio(rates(runs['b']), rates(runs[k]))
+         for k in ('a', 'c', 'c2', 'd')}
+    cpu = {k: median(_common.per_unit_us(runs[k], 'cpu'))
+           for k in ('b', 'c', 'c2')}
+    print(f'  per-round ratios (medians): (b)/(c) = {r["c"]:.3f}, '
+          f'(b)/(a) = {r["a"]:.2f}x, (b)/(c2) = {r["c2"]:.3f}, '
+          f'(b)/(d) = {r["d"]:.2f}x; ratio of the medians (b)/(c) = '
+          f'{b / c:.3f}')
+    print(f'  CPU time per image (all threads): (b) {cpu["b"]:.1f} us, '
+          f'(c) {cpu["c"]:.1f} us, (c2) {cpu["c2"]:.1f} us; by CPU time '
+          f'(b)/(c) = {cpu["c"] / cpu["b"]:.3f}, '
+          f'(c2)/(c) = {cpu["c"] / cpu["c2"]:.3f}')
+    print(f'  load after: {_common.load()}')
+    del simple  # stop its workers now, not at interpreter exit
+    emit(figure='1. loader (images/s)', value=b, unit='img/s',
+         baselines={'(a) source': a, '(c) decode limit': c},
+         ratio=f'{r["c"]:.2f} of (c); {r["a"]:.1f}x (a)',
+         target='>= 0.85 of (c)', met=r['c'] >= 0.85)
+
+
+if __name__ == '__main__':
+    main()
