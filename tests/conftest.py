@@ -8,3 +8,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='session')
 def repo_root():
     return REPO
+
+
+# A small stand-in shared by the test files: NUM_CLASSES x PER_CLASS images.
+NUM_CLASSES, PER_CLASS = 6, 5
+
+
+@pytest.fixture(scope='session')
+def standin_root(tmp_path_factory):
+    from d2l_face import standin
+    root = tmp_path_factory.mktemp('standin')
+    standin.generate(str(root), num_classes=NUM_CLASSES,
+                     images_per_class=PER_CLASS, num_val_pairs=20, num_wild=8)
+    return root

@@ -11,15 +11,7 @@ from skimage import transform as skimage_transform
 from d2l_face import datahub, standin
 from d2l_face import mxnet as d2lf
 
-NUM_CLASSES, PER_CLASS = 6, 5
-
-
-@pytest.fixture(scope='session')
-def standin_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp('standin')
-    standin.generate(str(root), num_classes=NUM_CLASSES,
-                     images_per_class=PER_CLASS, num_val_pairs=20, num_wild=8)
-    return root
+from conftest import NUM_CLASSES, PER_CLASS
 
 
 @pytest.fixture

@@ -16,16 +16,8 @@ import pytest
 from d2l_face import standin
 from d2l_face import mxnet as d2lf
 
-NUM_CLASSES, PER_CLASS = 6, 5
+from conftest import NUM_CLASSES, PER_CLASS
 MAGIC = struct.pack('<I', 0xced7230a)
-
-
-@pytest.fixture(scope='session')
-def standin_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp('standin')
-    standin.generate(str(root), num_classes=NUM_CLASSES,
-                     images_per_class=PER_CLASS, num_val_pairs=20, num_wild=0)
-    return root
 
 
 @pytest.fixture

@@ -1,0 +1,283 @@
+"""Verification metrics, the training loop and model files of section 3."""
+import numpy as onp
+import pytest
+from mxnet import gluon, init, np, npx
+from mxnet.gluon import nn
+
+from d2l_face import mxnet as d2lf
+
+npx.set_np()
+
+
+def brute_force_best(scores, issame, thresholds):
+    """Reference: the accuracy of every threshold, one at a time."""
+    accuracies = [((scores > t) == issame).mean() for t in thresholds]
+    best = int(onp.argmax(accuracies))
+    return thresholds[best], accuracies[best]
+
+
+def random_case(seed, n=600, ties=False):
+    rng = onp.random.default_rng(seed)
+    issame = rng.random(n) < 0.5
+    scores = rng.normal(issame * 0.6, 0.5)
+    if ties:
+        scores = onp.round(scores, 1)  # many equal scores
+    return scores, issame
+
+
+# ---------------------------------------------------------------- thresholds
+
+def test_perfectly_separable_pairs_are_all_right():
+    issame = onp.arange(600) % 3 == 0
+    # every different pair at 0.1, so no fold holds a surprising impostor
+    scores = onp.where(issame, 0.8 + onp.linspace(0, 0.05, 600), 0.1)
+    acc, std, thresholds = d2lf.verification_accuracy(scores, issame)
+    assert acc == 1.0 and std == 0.0
+    assert ((thresholds > 0.1) & (thresholds < 0.8)).all()
+    val, val_std, far = d2lf.val_at_far(scores, issame)
+    assert (val, val_std, far) == (1.0, 0.0, 0.0)
+
+
+def test_best_threshold_hand_computed():
+    scores = onp.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    issame = onp.array([True, False, True, False, False])
+    # accept none 3/5, top 1 4/5, top 2 3/5, top 3 4/5, top 4 3/5, all 2/5:
+    # two thresholds tie at 0.8; the strictest one (first) wins.
+    t, acc = d2lf.best_threshold(scores, issame)
+    assert acc == pytest.approx(0.8) and t == pytest.approx(0.85)
+    tp, fp = d2lf.count_accepts(scores, issame, [1.0, 0.85, 0.65, 0.0])
+    assert tp.tolist() == [0, 1, 2, 2] and fp.tolist() == [0, 0, 1, 3]
+
+
+def test_candidates_cover_every_decision():
+    scores = onp.array([0.3, 0.1, 0.3, -0.2])
+    candidates = d2lf.candidate_thresholds(scores)
+    accepted = [(scores > t).sum() for t in candidates]
+    assert accepted == [0, 2, 3, 4]  # one candidate per distinct decision
+
+
+@pytest.mark.parametrize('seed', range(5))
+@pytest.mark.parametrize('ties', [False, True])
+def test_vectorised_search_equals_loop(seed, ties):
+    scores, issame = random_case(seed, ties=ties)
+    candidates = d2lf.candidate_thresholds(scores)
+    assert d2lf.best_threshold(scores, issame) == \
+        pytest.approx(brute_force_best(scores, issame, candidates))
+    # InsightFace's grid of squared distances, written as cosine thresholds
+    grid = 1 - onp.arange(0, 4, 0.01) / 2
+    assert d2lf.best_threshold(scores, issame, grid) == \
+        pytest.approx(brute_force_best(scores, issame, grid))
+    tp, fp = d2lf.count_accepts(scores, issame, grid)
+    assert tp.tolist() == [int((scores[issame] > t).sum()) for t in grid]
+    assert fp.tolist() == [int((scores[~issame] > t).sum()) for t in grid]
+
+
+def test_candidate_search_is_never_worse_than_a_grid():
+    for seed in range(5):
+        scores, issame = random_case(seed)
+        grid = onp.arange(-1, 1, 0.01)
+        assert d2lf.best_threshold(scores, issame)[1] >= \
+            d2lf.best_threshold(scores, issame, grid)[1]
+
+
+# --------------------------------------------------------------------- folds
+
+@pytest.mark.parametrize('n', [600, 6000, 7, 1234])
+def test_folds_partition_pairs_contiguously(n):
+    folds = d2lf.kfold_splits(n, 10)
+    assert len(folds) == 10
+    assert onp.concatenate(folds).tolist() == list(range(n))
+    sizes = [len(f) for f in folds]
+    # like sklearn's KFold: the first n % 10 folds hold one pair more
+    assert sizes == [n // 10 + (i < n % 10) for i in range(10)]
+
+
+def test_kfold_accuracy_matches_a_plain_implementation():
+    scores, issame = random_case(7, n=600, ties=True)
+    grid = 1 - onp.arange(0, 4, 0.01) / 2
+    for thresholds in (None, grid):
+        expected_acc, expected_t = [], []
+        for k in range(10):
+            test = onp.arange(600) // 60 == k
+            candidates = (d2lf.candidate_thresholds(scores[~test])
+                          if thresholds is None else thresholds)
+            t, _ = brute_force_best(scores[~test], issame[~test], candidates)
+            expected_t.append(t)
+            expected_acc.append(((scores[test] > t) == issame[test]).mean())
+        acc, std, fold_t = d2lf.verification_accuracy(scores, issame,
+                                                      thresholds=thresholds)
+        assert acc == pytest.approx(onp.mean(expected_acc))
+        assert std == pytest.approx(onp.std(expected_acc))
+        assert fold_t == pytest.approx(onp.array(expected_t))
+
+
+# ------------------------------------------------------------------ VAL, ROC
+
+def test_far_threshold_constructed_case():
+    scores = onp.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.95, 0.1])
+    issame = onp.array([False] * 8 + [True, True])
+    # 8 different pairs, FAR 0.25 allows 2 of them: threshold 0.7 lets
+    # exactly 0.9 and 0.8 through
+    t = d2lf.far_threshold(scores, issame, far=0.25)
+    assert t == 0.7
+    assert (scores[~issame] > t).mean() == 0.25
+    assert d2lf.far_threshold(scores, issame, far=1e-3) == 0.9
+    assert (scores > d2lf.far_threshold(scores, issame, far=1.0)).all()
+
+
+def test_val_at_far_constructed_case():
+    # Each fold of 20 pairs: 10 same with scores 0.50..0.95, 10 different
+    # with scores 0.00..0.45 except one impostor at 0.99 in fold 0.
+    scores, issame = [], []
+    for fold in range(10):
+        scores += [0.5 + 0.05 * i for i in range(10)]
+        issame += [True] * 10
+        scores += [0.05 * i for i in range(10)]
+        issame += [False] * 10
+    scores, issame = onp.array(scores), onp.array(issame)
+    scores[10] = 0.99  # fold 0, a different pair
+    val, val_std, far = d2lf.val_at_far(scores, issame, far=1e-3)
+    # Folds 1-9 train on fold 0's impostor: threshold 0.99 accepts nothing.
+    # Fold 0 trains without it: threshold 0.45, VAL 1, but its impostor
+    # passes (FAR 1/10).
+    vals = [1.0] + [0.0] * 9
+    assert val == pytest.approx(onp.mean(vals))
+    assert val_std == pytest.approx(onp.std(vals))
+    assert far == pytest.approx(0.1 / 10)
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_roc_is_monotone_from_corner_to_corner(seed):
+    scores, issame = random_case(seed, ties=bool(seed % 2))
+    fpr, tpr = d2lf.roc_curve(scores, issame)
+    assert (fpr[0], tpr[0]) == (0, 0) and (fpr[-1], tpr[-1]) == (1, 1)
+    assert (onp.diff(fpr) >= 0).all() and (onp.diff(tpr) >= 0).all()
+    assert ((onp.diff(fpr) > 0) | (onp.diff(tpr) > 0)).all()
+
+
+def test_roc_of_separable_scores_reaches_the_top_at_zero_far():
+    issame = onp.array([True, True, False, False])
+    fpr, tpr = d2lf.roc_curve(onp.array([0.9, 0.8, 0.2, 0.1]), issame)
+    assert tpr[fpr == 0].max() == 1
+
+
+def test_plots_draw():
+    scores, issame = random_case(0)
+    d2lf.plot_roc({'a': d2lf.roc_curve(scores, issame)})
+    d2lf.plot_score_histogram(scores, issame, threshold=0.3)
+    d2lf.d2l.plt.close('all')
+
+
+# ------------------------------------------------------- networks and files
+
+class TinyNet(nn.HybridBlock):
+    """A very small embedding network for tests: (N, 3, h, w) -> (N, 8)."""
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.body = nn.HybridSequential()
+        self.body.add(nn.Conv2D(4, 3, strides=4), nn.BatchNorm(),
+                      nn.Activation('relu'), nn.Dense(8))
+
+    def hybrid_forward(self, F, x):
+        return self.body(x - 0.5)
+
+
+def tiny_net(seed=0):
+    npx.random.seed(seed)
+    net = TinyNet()
+    net.initialize(init.Xavier())
+    return net
+
+
+def synthetic_pairs(num_pairs=10, size=16, seed=0):
+    rng = onp.random.default_rng(seed)
+    first = rng.integers(0, 256, (2 * num_pairs, 3, size, size), onp.uint8)
+    images = onp.stack([first, first[:, :, :, ::-1]])
+    return images, onp.arange(num_pairs) % 2 == 0
+
+
+def test_embed_pairs_is_unit_flip_sum():
+    net = tiny_net()
+    images, _ = synthetic_pairs()
+    emb = d2lf.embed_pairs(net, images, batch_size=7, ctx=npx.cpu())
+    assert emb.shape == (20, 8)
+    assert onp.linalg.norm(emb, axis=1) == pytest.approx(onp.ones(20))
+    X = [np.array(c).astype('float32') / 255 for c in images]
+    expected = (net(X[0]) + net(X[1])).asnumpy()
+    expected /= onp.linalg.norm(expected, axis=1, keepdims=True)
+    assert onp.abs(emb - expected).max() < 1e-5
+
+
+def test_embed_face_matches_embed_pairs_and_checks_shape():
+    net = tiny_net()
+    images, _ = synthetic_pairs()
+    face = images[0, 3].transpose(1, 2, 0)
+    emb = d2lf.embed_face(net, face, ctx=npx.cpu())
+    assert emb.shape == (8,) and onp.linalg.norm(emb) == pytest.approx(1)
+    assert onp.abs(emb - d2lf.embed_pairs(net, images, ctx=npx.cpu())[3]) \
+        .max() < 1e-5
+    with pytest.raises(ValueError, match='RGB'):
+        d2lf.embed_face(net, face[:, :, 0])
+
+
+def test_evaluate_verification_keys_and_ranges():
+    images, issame = synthetic_pairs(num_pairs=40)
+    result = d2lf.evaluate_verification(tiny_net(), (images, issame),
+                                        ctx=npx.cpu())
+    assert set(result) == {'acc', 'acc_std', 'threshold', 'val', 'val_std',
+                           'far'}
+    assert 0 <= result['acc'] <= 1 and 0 <= result['val'] <= 1
+
+
+def test_save_load_round_trip_gives_identical_embeddings(tmp_path):
+    net = d2lf.face_resnet(18, width=0.0625, embedding_size=16)
+    net.initialize(init.Xavier())
+    net.hybridize()
+    images, _ = synthetic_pairs(num_pairs=2, size=112)
+    before = d2lf.embed_pairs(net, images, ctx=npx.cpu())
+    path = str(tmp_path / 'net.params')
+    net.save_parameters(path)
+    clone = d2lf.face_resnet(18, width=0.0625, embedding_size=16)
+    clone.load_parameters(path, ctx=npx.cpu())
+    after = d2lf.embed_pairs(clone, images, ctx=npx.cpu())
+    assert onp.array_equal(before, after)
+
+
+# ------------------------------------------------------------------ training
+
+def tiny_dataset(num_classes=4, per_class=16, batch_size=16, seed=0):
+    """Batches of 112x112 images whose class sets their colour and stripes."""
+    rng = onp.random.default_rng(seed)
+    X, y = [], []
+    for c in range(num_classes):
+        base = onp.zeros((3, 112, 112), onp.float32)
+        base[c % 3] = 0.7
+        base[:, :, (c * 16) % 112:(c * 16) % 112 + 20] = 0.3
+        for _ in range(per_class):
+            X.append(onp.clip(base + rng.normal(0, 0.1, base.shape), 0, 1))
+            y.append(c)
+    order = rng.permutation(len(y))
+    X, y = onp.stack(X)[order], onp.array(y)[order]
+    return [(np.array(X[i:i + batch_size], dtype='float32'),
+             np.array(y[i:i + batch_size], dtype='int64'))
+            for i in range(0, len(y), batch_size)]
+
+
+def test_training_smoke_loss_decreases():
+    npx.random.seed(0)
+    onp.random.seed(0)
+    train_iter = tiny_dataset()
+    net = d2lf.face_resnet(18, width=0.0625, embedding_size=16)
+    net.initialize(init.Xavier())
+    net.hybridize()
+    margin = d2lf.MarginLogits(4, 16, s=16.0, m2=0.2)
+    margin.initialize()
+    images, issame = synthetic_pairs(num_pairs=40, size=112)
+    history = d2lf.train_face_rec(
+        net, margin, train_iter, {'tiny': (images, issame)}, num_steps=16,
+        lr=0.05, eval_every=8, log_every=4, devices=[npx.cpu()], plot=False)
+    losses = [loss for _, loss in history['train loss']]
+    assert len(losses) == 4 and len(history['tiny']) == 2
+    assert losses[-1] < 0.5 * losses[0]
+    assert history['train acc'][-1][1] > history['train acc'][0][1]
+    assert history['train loss'][-1][0] == pytest.approx(16 / len(train_iter))
