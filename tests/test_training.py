@@ -1,4 +1,7 @@
 """Verification metrics, the training loop and model files of section 3."""
+import os
+import warnings
+
 import numpy as onp
 import pytest
 from mxnet import gluon, init, np, npx
@@ -146,6 +149,18 @@ def test_val_at_far_constructed_case():
     assert far == pytest.approx(0.1 / 10)
 
 
+def test_val_at_far_skips_folds_without_same_or_different_pairs():
+    # 10 pairs in 10 folds: each fold holds one pair only
+    scores = onp.linspace(0, 1, 10)
+    issame = scores > 0.45
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no "mean of empty slice"
+        val, _, far = d2lf.val_at_far(scores, issame)
+    # every same pair scores above every different pair; but the highest
+    # different pair is above all others, so its own fold accepts it
+    assert val == 1.0 and far == pytest.approx(1 / 5)
+
+
 @pytest.mark.parametrize('seed', range(3))
 def test_roc_is_monotone_from_corner_to_corner(seed):
     scores, issame = random_case(seed, ties=bool(seed % 2))
@@ -281,3 +296,50 @@ def test_training_smoke_loss_decreases():
     assert losses[-1] < 0.5 * losses[0]
     assert history['train acc'][-1][1] > history['train acc'][0][1]
     assert history['train loss'][-1][0] == pytest.approx(16 / len(train_iter))
+
+
+def test_training_step_on_two_devices_keeps_copies_equal():
+    """The multi-GPU path, with two CPU contexts standing in for GPUs."""
+    import mxnet as mx
+    devices = [mx.cpu(0), mx.cpu(1)]
+    npx.random.seed(0)
+    net = d2lf.face_resnet(18, width=0.0625, embedding_size=16)
+    net.initialize(init.Xavier(), ctx=devices)
+    margin = d2lf.MarginLogits(4, 16, s=16.0, m2=0.2)
+    margin.initialize(ctx=devices)
+    trainer = gluon.Trainer(list(net.collect_params().values()) +
+                            list(margin.collect_params().values()), 'sgd',
+                            {'learning_rate': 0.05, 'momentum': 0.9})
+    loss = gluon.loss.SoftmaxCrossEntropyLoss()
+    X, y = tiny_dataset(batch_size=16)[0]
+    total, correct = d2lf.train_face_step(net, margin, loss, trainer, X, y,
+                                          devices)
+    assert onp.isfinite(total) and 0 <= correct <= 16
+    trained = [p for p in net.collect_params().values()
+               if p.grad_req != 'null'] + [margin.weight]
+    for param in trained:  # the trainer summed the gradients of both parts
+        copies = [d.asnumpy() for d in param.list_data()]
+        assert onp.array_equal(copies[0], copies[1]), param.name
+
+
+def test_train_on_small_standin_through_the_data_loader(standin_root):
+    """Two passes over a 30-image stand-in, as the notebook trains."""
+    data_dir = os.path.join(standin_root, 'faces-casia-ultrasmall')
+    train_iter, val_sets = d2lf.load_data_face_rec(data_dir, ['lfw_small'],
+                                                   batch_size=10)
+    npx.random.seed(0)
+    net = d2lf.face_resnet(18, width=0.0625, embedding_size=16)
+    net.initialize(init.Xavier())
+    num_classes = d2lf.read_facerec_meta(data_dir)[1]
+    margin = d2lf.MarginLogits(num_classes, 16, s=16.0, m2=0.5)
+    margin.initialize()
+    history = d2lf.train_face_rec(
+        net, margin, train_iter, val_sets, num_steps=2 * len(train_iter),
+        lr=0.05, warmup_steps=2, eval_every=len(train_iter), log_every=1,
+        devices=[npx.cpu()], plot=False)
+    assert len(history['train loss']) == 2 * len(train_iter)
+    assert [epoch for epoch, _ in history['lfw_small']] == [1, 2]
+    result = d2lf.evaluate_verification(net, val_sets['lfw_small'],
+                                        ctx=npx.cpu())
+    assert result['acc'] == history['lfw_small'][-1][1]
+    assert 0 <= result['val'] <= 1 and 0 <= result['far'] <= 1
