@@ -637,11 +637,17 @@ class MarginLogits(nn.Block):
         one_hot = npx.one_hot(labels, self.num_classes)
         return self.s * cos + one_hot * (target - self.s * cos_target)[:, None]
 
+def all_devices():
+    """Every GPU there is, or the CPU when there is none.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    return [npx.gpu(i) for i in range(npx.num_gpus())] or [npx.cpu()]
+
 def embed_pairs(net, images, batch_size=256, ctx=None):
     """Unit-length sums of the embeddings of images[0] and images[1].
 
     Defined in :numref:`sec_facerecognition_training`"""
-    ctx = ctx or d2l.try_gpu()
+    ctx = ctx or all_devices()[0]
     chunks = []
     for i in range(0, images.shape[1], batch_size):
         total = 0
@@ -856,7 +862,7 @@ def train_face_rec(net, margin, train_iter, val_sets, num_steps, lr,
     """Train a face embedding network with margin logits, on all devices.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    devices = devices or d2l.try_all_gpus() or [mx.cpu()]
+    devices = devices or all_devices()
     for block in (net, margin):
         block.collect_params().reset_ctx(devices)
     schedule = mx.lr_scheduler.CosineScheduler(
@@ -1053,7 +1059,7 @@ def train_face_worker(data_dir, out_dir, kvstore='dist_sync', num_classes=20,
     npx.random.seed(seed + rank)  # the random flips
     loader = gluon.data.DataLoader(dataset, batch_size, shuffle=True,
                                    last_batch='discard')
-    devices = d2l.try_all_gpus() or [npx.cpu()]
+    devices = all_devices()
     net = face_resnet(18, width=width, embedding_size=64)
     head = MarginLogits(num_classes, 64, s=16.0, m3=0.1)
     npx.random.seed(seed)  # the same initial weights on every worker
