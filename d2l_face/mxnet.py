@@ -702,6 +702,15 @@ def kfold_splits(num_pairs, num_folds=10):
     Defined in :numref:`sec_facerecognition_training`"""
     return onp.array_split(onp.arange(num_pairs), num_folds)
 
+def kfold_train_test(num_pairs, num_folds=10):
+    """Yield (train mask, test indices) for each fold.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    for test in kfold_splits(num_pairs, num_folds):
+        train = onp.ones(num_pairs, bool)
+        train[test] = False
+        yield train, test
+
 def verification_accuracy(scores, issame, num_folds=10, thresholds=None):
     """k-fold verification accuracy: mean, std and each fold's threshold.
 
@@ -709,9 +718,7 @@ def verification_accuracy(scores, issame, num_folds=10, thresholds=None):
     scores = onp.asarray(scores, onp.float64)
     issame = onp.asarray(issame, bool)
     accuracies, fold_thresholds = [], []
-    for test in kfold_splits(len(scores), num_folds):
-        train = onp.ones(len(scores), bool)
-        train[test] = False
+    for train, test in kfold_train_test(len(scores), num_folds):
         t, _ = best_threshold(scores[train], issame[train], thresholds)
         accuracies.append(((scores[test] > t) == issame[test]).mean())
         fold_thresholds.append(t)
@@ -736,9 +743,7 @@ def val_at_far(scores, issame, far=1e-3, num_folds=10):
     scores = onp.asarray(scores, onp.float64)
     issame = onp.asarray(issame, bool)
     vals, fars = [], []
-    for test in kfold_splits(len(scores), num_folds):
-        train = onp.ones(len(scores), bool)
-        train[test] = False
+    for train, test in kfold_train_test(len(scores), num_folds):
         t = far_threshold(scores[train], issame[train], far)
         accepted, same = scores[test] > t, issame[test]
         if same.any():  # tiny sets may have folds without same pairs
