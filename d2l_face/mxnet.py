@@ -664,37 +664,53 @@ def pair_scores(embeddings):
     Defined in :numref:`sec_facerecognition_training`"""
     return (embeddings[0::2] * embeddings[1::2]).sum(axis=1)
 
+def count_accepts_sorted(descending, same, thresholds):
+    """Defined in :numref:`sec_facerecognition_training`"""
+    """True and false accepts (score > threshold) for each threshold, given
+    the scores sorted from high to low and the labels in the same order."""
+    same_in_top = onp.concatenate([[0], onp.cumsum(same)])
+    # k[i]: how many scores lie strictly above thresholds[i]
+    k = onp.searchsorted(-descending, -onp.asarray(thresholds), side='left')
+    return same_in_top[k], k - same_in_top[k]
+
 def count_accepts(scores, issame, thresholds):
     """True and false accepts (score > threshold) for each threshold.
 
     Defined in :numref:`sec_facerecognition_training`"""
     scores, issame = onp.asarray(scores), onp.asarray(issame, bool)
     order = onp.argsort(-scores, kind='stable')
-    descending = scores[order]
-    same_in_top = onp.concatenate([[0], onp.cumsum(issame[order])])
-    # k[i]: how many scores lie strictly above thresholds[i]
-    k = onp.searchsorted(-descending, -onp.asarray(thresholds), side='left')
-    return same_in_top[k], k - same_in_top[k]
+    return count_accepts_sorted(scores[order], issame[order], thresholds)
 
-def candidate_thresholds(scores):
+def candidate_thresholds(scores, is_sorted=False):
+    """Defined in :numref:`sec_facerecognition_training`"""
     """One threshold per distinct decision, from accept none to accept all.
-
-    Defined in :numref:`sec_facerecognition_training`"""
-    values = onp.unique(scores)[::-1]
+    Pass is_sorted=True for scores already sorted from high to low."""
+    scores = onp.asarray(scores)
+    descending = scores if is_sorted else onp.sort(scores)[::-1]
+    values = descending[onp.concatenate([[True],
+                                         descending[1:] != descending[:-1]])]
     return onp.concatenate([values[:1], (values[:-1] + values[1:]) / 2,
                             [onp.nextafter(values[-1], -onp.inf)]])
+
+def best_threshold_sorted(descending, same, thresholds=None):
+    """Defined in :numref:`sec_facerecognition_training`"""
+    """The most accurate threshold (the first on ties) and its accuracy, for
+    scores sorted from high to low and their labels in the same order."""
+    if thresholds is None:
+        thresholds = candidate_thresholds(descending, is_sorted=True)
+    true_accepts, false_accepts = count_accepts_sorted(descending, same,
+                                                       thresholds)
+    correct = true_accepts + (len(same) - same.sum()) - false_accepts
+    best = onp.argmax(correct)
+    return thresholds[best], correct[best] / len(descending)
 
 def best_threshold(scores, issame, thresholds=None):
     """The most accurate threshold (the first on ties) and its accuracy.
 
     Defined in :numref:`sec_facerecognition_training`"""
     scores, issame = onp.asarray(scores), onp.asarray(issame, bool)
-    if thresholds is None:
-        thresholds = candidate_thresholds(scores)
-    true_accepts, false_accepts = count_accepts(scores, issame, thresholds)
-    correct = true_accepts + (~issame).sum() - false_accepts
-    best = onp.argmax(correct)
-    return thresholds[best], correct[best] / len(scores)
+    order = onp.argsort(-scores, kind='stable')
+    return best_threshold_sorted(scores[order], issame[order], thresholds)
 
 def kfold_splits(num_pairs, num_folds=10):
     """Indices of the test pairs of each fold: contiguous, sizes within 1.
@@ -717,9 +733,14 @@ def verification_accuracy(scores, issame, num_folds=10, thresholds=None):
     Defined in :numref:`sec_facerecognition_training`"""
     scores = onp.asarray(scores, onp.float64)
     issame = onp.asarray(issame, bool)
+    # Sort once for all folds: dropping a fold from a sorted list keeps the
+    # rest sorted, so each fold only needs a mask, not a sort of its own.
+    order = onp.argsort(-scores, kind='stable')
+    descending, same = scores[order], issame[order]
     accuracies, fold_thresholds = [], []
     for train, test in kfold_train_test(len(scores), num_folds):
-        t, _ = best_threshold(scores[train], issame[train], thresholds)
+        keep = train[order]
+        t, _ = best_threshold_sorted(descending[keep], same[keep], thresholds)
         accuracies.append(((scores[test] > t) == issame[test]).mean())
         fold_thresholds.append(t)
     return (onp.mean(accuracies), onp.std(accuracies),

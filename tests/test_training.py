@@ -75,6 +75,23 @@ def test_vectorised_search_equals_loop(seed, ties):
     assert fp.tolist() == [int((scores[~issame] > t).sum()) for t in grid]
 
 
+@pytest.mark.parametrize('ties', [False, True])
+def test_sorted_variants_agree_with_the_unsorted_ones(ties):
+    scores, issame = random_case(3, ties=ties)
+    order = onp.argsort(-scores, kind='stable')
+    descending, same = scores[order], issame[order]
+    assert onp.array_equal(
+        d2lf.candidate_thresholds(descending, is_sorted=True),
+        d2lf.candidate_thresholds(scores))
+    grid = 1 - onp.arange(0, 4, 0.01) / 2
+    for thresholds in (None, grid):
+        assert d2lf.best_threshold_sorted(descending, same, thresholds) == \
+            d2lf.best_threshold(scores, issame, thresholds)
+    assert all(onp.array_equal(a, b) for a, b in zip(
+        d2lf.count_accepts_sorted(descending, same, grid),
+        d2lf.count_accepts(scores, issame, grid)))
+
+
 def test_candidate_search_is_never_worse_than_a_grid():
     for seed in range(5):
         scores, issame = random_case(seed)
