@@ -7,7 +7,10 @@
 * ``extract`` reads every member name of a zip or tar archive before writing a
   byte and refuses absolute paths, ``..``, drive letters and backslashes, links
   that leave the target folder (or pass through another link), and device or
-  FIFO members. It unpacks into a hidden staging folder and moves the result in
+  FIFO members. It also adds up the members' sizes and refuses an archive that
+  would not fit in the free disk space (a "zip bomb" among them): zipfile stops
+  at each member's declared size and tar headers hold exact sizes, so the sum
+  is binding. It unpacks into a hidden staging folder and moves the result in
   only when complete, so a failure leaves the previous extraction untouched;
   ``download_extract`` marks a finished extraction and skips it next time.
 * ``load_bin_pairs`` reads InsightFace verification files (a pickle of
@@ -278,6 +281,21 @@ _TAR_FILTER = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
 _TAR_FILTER_ERROR = getattr(tarfile, 'FilterError', ())
 
 
+def _unpacked_size(arc, kind):
+    """Bytes the members will take once extracted, from their headers."""
+    if kind == 'zip':
+        return sum(info.file_size for info in arc.infolist())
+    return sum(m.size for m in arc.getmembers() if m.isreg())
+
+
+def _check_space(arc, kind, archive, folder):
+    needed, free = _unpacked_size(arc, kind), shutil.disk_usage(folder).free
+    if needed > free:
+        raise ArchiveError(f'{archive} unpacks to {needed / 2**20:.1f} MiB but '
+                           f'only {free / 2**20:.1f} MiB are free in {folder}; '
+                           f'nothing was extracted')
+
+
 def _unpack(archive, kind, folder):
     """Check every member, then extract into a fresh staging folder inside ``folder``."""
     if kind == 'zip':
@@ -289,6 +307,7 @@ def _unpack(archive, kind, folder):
     with arc:
         check(arc, archive)
         os.makedirs(folder, exist_ok=True)
+        _check_space(arc, kind, archive, folder)
         staging = tempfile.mkdtemp(dir=folder, prefix='.extracting-')
         try:
             extract_all(staging)

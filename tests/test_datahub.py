@@ -30,7 +30,9 @@ def zip_bytes(members, compression=zipfile.ZIP_DEFLATED):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, 'w', compression) as zf:
         for name, data in members.items():
-            zf.writestr(zipfile.ZipInfo(name), data)
+            info = zipfile.ZipInfo(name)
+            info.compress_type = compression  # writestr follows the ZipInfo
+            zf.writestr(info, data)
     return buf.getvalue()
 
 
@@ -408,6 +410,34 @@ def test_corrupt_archive(layout, name, data):
     assert str(archive) in str(info.value)
     assert info.value.__cause__ is not None
     assert not os.path.exists(layout / 'work/target/a')
+
+
+@pytest.mark.parametrize('name', ['bomb.zip', 'bomb.tar.gz'])
+def test_archive_larger_than_free_space_is_refused(layout, monkeypatch, name):
+    zeros = b'\0' * (4 << 20)  # 4 MiB that compress to a few KiB
+    archive = layout / 'archives' / name
+    archive.write_bytes(zip_bytes({'faces/zeros': zeros}) if name.endswith('.zip')
+                        else tar_bytes(F('faces/zeros', zeros), mode='w:gz'))
+    assert archive.stat().st_size < 64 << 10
+    free = collections.namedtuple('usage', 'total used free')(1 << 40, 0, 1 << 20)
+    monkeypatch.setattr(datahub.shutil, 'disk_usage', lambda path: free)
+    before = files_under(layout)
+    with pytest.raises(ArchiveError, match=r'4\.0 MiB but only 1\.0 MiB'):
+        extract(archive, layout / 'work/target')
+    assert files_under(layout) == before + ['work/target']  # no member written
+
+
+def test_zip_member_cannot_outgrow_its_declared_size(layout):
+    """The space check trusts the headers; zipfile holds members to them."""
+    data = bytearray(zip_bytes({'big': b'\0' * (1 << 20)}))
+    local, central = data.find(b'PK\x03\x04'), data.find(b'PK\x01\x02')
+    data[local + 22:local + 26] = (10).to_bytes(4, 'little')  # declared: 10 bytes
+    data[central + 24:central + 28] = (10).to_bytes(4, 'little')
+    archive = layout / 'archives/liar.zip'
+    archive.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError):
+        extract(archive, layout / 'work/target')
+    assert not os.path.exists(layout / 'work/target/big')
 
 
 def test_unknown_archive_type(layout):
