@@ -2,7 +2,9 @@
 // d2l-face: d2lbook's copy buttons load their icon from raw.githubusercontent.com,
 // which a reader without internet (or behind a firewall) sees as a broken
 // image. Swap in an icon drawn inline: two overlapping sheets of paper.
-(function () {
+// The leading semicolon: d2l.js ends in `var tagClick = function ...}`
+// without one, and a bare `(` would call that function.
+;(function () {
   const remoteIcon = 'sphinx-copybutton/master/sphinx_copybutton/_static/copy-button.svg'
   const localIcon = 'data:image/svg+xml,' + encodeURIComponent(
     '<svg xmlns="http://www.w3.org/2000/svg" width="24" height="24" viewBox="0 0 24 24" ' +
