@@ -9,7 +9,9 @@
     in one thread per core, nothing else.
 Also shown, not targets: (c2) decode plus the uint8 -> float32 (3, h, w)
 conversion in one thread per core, without flips, batching or MXNet, the
-least work any loader producing float32 batches must do; (d) MXNet's own
+least work any loader producing float32 batches must do; (c3) decode and
+the split into a uint8 (3, h, w) batch, the least work of a loader that
+would leave the float conversion to the device; (d) MXNet's own
 mx.io.ImageRecordIter over the same pack (preprocess_threads = cores,
 rand_mirror, scale 1/255), the ready-made alternative to (b).
 
@@ -107,6 +109,17 @@ def decode_and_convert(jpegs, pool, num_threads, outs):
     return len(jpegs)
 
 
+def decode_to_uint8(jpegs, pool, num_threads, outs):
+    """(c3): decode and split into RGB planes of a uint8 batch, no floats."""
+    def work(t):
+        out = outs[t]
+        for i, jpeg in enumerate(jpegs[t::num_threads]):
+            x = out[i % len(out)]
+            cv2.split(cv2.imdecode(jpeg, cv2.IMREAD_COLOR), [x[2], x[1], x[0]])
+    list(pool.map(work, range(num_threads)))
+    return len(jpegs)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--repeats', type=int, default=5)
@@ -134,6 +147,8 @@ def main():
     pool = concurrent.futures.ThreadPoolExecutor(num_threads)
     outs = [onp.zeros((BATCH_SIZE, 3, 112, 112), onp.float32)
             for _ in range(num_threads)]
+    outs_uint8 = [onp.zeros((BATCH_SIZE, 3, 112, 112), onp.uint8)
+                  for _ in range(num_threads)]
     print(f'{len(items)} images, {per_epoch} per epoch in batches of '
           f'{BATCH_SIZE}; {num_threads} threads; DataLoader workers: '
           f'{d2l.get_dataloader_workers()} processes; {args.repeats} rounds')
@@ -143,19 +158,23 @@ def main():
         'b': lambda: consume(fast),
         'c': lambda: decode_only(jpegs, pool, num_threads),
         'c2': lambda: decode_and_convert(jpegs, pool, num_threads, outs),
+        'c3': lambda: decode_to_uint8(jpegs, pool, num_threads, outs_uint8),
         'd': lambda: consume_record_iter(record_iter),
     }, repeats=args.repeats)
     names = {'a': '(a) source DataLoader, per-file imread',
              'b': '(b) d2lf.load_data_face_rec (packed)',
              'c': '(c) limit: cv2.imdecode only, all cores',
              'c2': '(c2) decode + float32 conversion only',
+             'c3': '(c3) decode + uint8 planes only',
              'd': '(d) mx.io.ImageRecordIter on the pack'}
     for key, name in names.items():
         print(f'  {name:42s} {spread(rates(runs[key]))} images/s')
-    a, b, c, c2, d = (median(rates(runs[k]))
-                      for k in ('a', 'b', 'c', 'c2', 'd'))
+    a, b, c, c2, c3, d = (median(rates(runs[k]))
+                          for k in ('a', 'b', 'c', 'c2', 'c3', 'd'))
     r = {k: paired_ratio(rates(runs['b']), rates(runs[k]))
          for k in ('a', 'c', 'c2', 'd')}
+    floors = {k: paired_ratio(rates(runs[k]), rates(runs['c']))
+              for k in ('c2', 'c3')}
     cpu = {k: median(_common.per_unit_us(runs[k], 'cpu'))
            for k in ('b', 'c', 'c2')}
     print(f'  per-round ratios (medians): (b)/(c) = {r["c"]:.3f}, '
@@ -166,6 +185,8 @@ def main():
           f'(c) {cpu["c"]:.1f} us, (c2) {cpu["c2"]:.1f} us; by CPU time '
           f'(b)/(c) = {cpu["c"] / cpu["b"]:.3f}, '
           f'(c2)/(c) = {cpu["c"] / cpu["c2"]:.3f}')
+    print(f'  floors: (c2)/(c) = {floors["c2"]:.3f} with float32 batches, '
+          f'(c3)/(c) = {floors["c3"]:.3f} with uint8 batches')
     print(f'  load after: {_common.load()}')
     del simple  # stop its workers now, not at interpreter exit
     emit(figure='1. loader (images/s)', value=b, unit='img/s',
