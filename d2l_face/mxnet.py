@@ -950,6 +950,22 @@ def embed_face(net, image, ctx=None):
     both = onp.stack([chw, chw[:, :, ::-1]])[:, None]  # (2, 1, 3, h, w)
     return embed_pairs(net, both, 1, ctx)[0]
 
+def identify(probes, gallery, threshold=None):
+    """Defined in :numref:`sec_facerecognition_training`"""
+    """The most similar gallery entry of each probe and its cosine, for unit
+    embeddings; -1 (nobody) where the cosine is not above `threshold`."""
+    probes, gallery = onp.asarray(probes), onp.asarray(gallery)
+    if probes.ndim != 2 or gallery.ndim != 2 or len(gallery) == 0 or \
+            probes.shape[1] != gallery.shape[1]:
+        raise ValueError(f'expected probes (n, d) and a non-empty gallery '
+                         f'(m, d), not {probes.shape} and {gallery.shape}')
+    similarity = probes @ gallery.T
+    best = similarity.argmax(axis=1)
+    cosine = similarity[onp.arange(len(best)), best]
+    if threshold is not None:
+        best = onp.where(cosine > threshold, best, -1)
+    return best, cosine
+
 def split_classes(num_classes, num_shards):
     """Split range(num_classes) into `num_shards` contiguous (start, stop).
 

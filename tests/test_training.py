@@ -360,3 +360,47 @@ def test_train_on_small_standin_through_the_data_loader(standin_root):
                                         ctx=npx.cpu())
     assert result['acc'] == history['lfw_small'][-1][1]
     assert 0 <= result['val'] <= 1 and 0 <= result['far'] <= 1
+
+
+# ------------------------------------------------------------ identification
+
+def unit_rows(x):
+    x = onp.asarray(x, onp.float64)
+    return x / onp.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_identify_names_the_most_similar_gallery_entry():
+    gallery = onp.eye(4)[:3]  # three people along three axes
+    probes = unit_rows([[0.1, 0.9, 0, 0.1],   # close to #1
+                        [0, 0.1, 0.2, 0.97],  # mostly outside the gallery
+                        [0.8, 0, 0.6, 0]])    # #0, cosine 0.8
+    best, cosine = d2lf.identify(probes, gallery)
+    assert best.tolist() == [1, 2, 0]
+    assert cosine == pytest.approx([probes[0, 1], probes[1, 2], 0.8])
+    best, _ = d2lf.identify(probes, gallery, threshold=0.5)
+    assert best.tolist() == [1, -1, 0]  # the second probe is nobody
+    best, _ = d2lf.identify(probes, gallery, threshold=0.8)
+    assert best.tolist() == [1, -1, -1]  # "above" the threshold is strict
+
+
+def test_identify_matches_a_loop_over_the_gallery():
+    rng = onp.random.default_rng(0)
+    probes, gallery = unit_rows(rng.normal(size=(50, 16))), \
+        unit_rows(rng.normal(size=(30, 16)))
+    best, cosine = d2lf.identify(probes, gallery, threshold=0.2)
+    for p, b, c in zip(probes, best, cosine):
+        similarities = [p @ g for g in gallery]
+        assert c == pytest.approx(max(similarities))
+        expected = int(onp.argmax(similarities)) if max(similarities) > 0.2 \
+            else -1
+        assert b == expected
+
+
+@pytest.mark.parametrize('probes, gallery', [
+    (onp.ones((2, 3)), onp.ones((4, 5))),   # different embedding sizes
+    (onp.ones(3), onp.ones((4, 3))),        # one probe without its batch axis
+    (onp.ones((2, 3)), onp.ones((0, 3))),   # nobody enrolled
+])
+def test_identify_rejects_bad_shapes(probes, gallery):
+    with pytest.raises(ValueError, match='expected probes'):
+        d2lf.identify(probes, gallery)
