@@ -289,7 +289,10 @@ def _unpacked_size(arc, kind):
 
 
 def _check_space(arc, kind, archive, folder):
-    needed, free = _unpacked_size(arc, kind), shutil.disk_usage(folder).free
+    on_disk = os.path.abspath(folder)
+    while not os.path.exists(on_disk):  # the folder may not exist yet
+        on_disk = os.path.dirname(on_disk)
+    needed, free = _unpacked_size(arc, kind), shutil.disk_usage(on_disk).free
     if needed > free:
         raise ArchiveError(f'{archive} unpacks to {needed / 2**20:.1f} MiB but '
                            f'only {free / 2**20:.1f} MiB are free in {folder}; '
@@ -306,8 +309,8 @@ def _unpack(archive, kind, folder):
         check, extract_all = _check_tar, lambda dest: arc.extractall(dest, **_TAR_FILTER)
     with arc:
         check(arc, archive)
-        os.makedirs(folder, exist_ok=True)
         _check_space(arc, kind, archive, folder)
+        os.makedirs(folder, exist_ok=True)
         staging = tempfile.mkdtemp(dir=folder, prefix='.extracting-')
         try:
             extract_all(staging)
