@@ -12,14 +12,14 @@
     '<rect x="8.5" y="7.5" width="11" height="13" rx="1.5"/>' +
     '<path d="M15.5 7.5V5a1.5 1.5 0 0 0-1.5-1.5H6A1.5 1.5 0 0 0 4.5 5v11' +
     'A1.5 1.5 0 0 0 6 17.5h2.5"/></svg>')
-  const swapIcons = root => {
-    root.querySelectorAll('a.copybtn img').forEach(img => {
-      if (img.getAttribute('src').endsWith(remoteIcon)) img.setAttribute('src', localIcon)
+  const swapIcons = () => {
+    document.querySelectorAll('a.copybtn img').forEach(img => {
+      if ((img.getAttribute('src') || '').endsWith(remoteIcon)) img.setAttribute('src', localIcon)
     })
   }
   const watch = () => {
-    swapIcons(document)
-    new MutationObserver(() => swapIcons(document))
+    swapIcons()
+    new MutationObserver(swapIcons)
       .observe(document.body, {childList: true, subtree: true})
   }
   if (document.readyState === 'loading') {
