@@ -1,0 +1,124 @@
+"""The framework-free format facts: folder names, property, JPEG headers."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from d2l_face import formats
+
+
+def jpeg(height, width, **flags):
+    image = np.full((height, width, 3), 128, np.uint8)
+    params = [cv2.IMWRITE_JPEG_PROGRESSIVE, 1] if flags.get('progressive') \
+        else []
+    return cv2.imencode('.jpg', image, params)[1].tobytes()
+
+
+def with_claimed_size(data, height, width):
+    """Rewrite the frame header of a JPEG to claim another size."""
+    size = formats.jpeg_size(data)
+    sof = data.index(bytes([size[0] >> 8, size[0] & 255,
+                            size[1] >> 8, size[1] & 255]))
+    return (data[:sof] + bytes([height >> 8, height & 255, width >> 8,
+                                width & 255]) + data[sof + 4:])
+
+
+def test_template_is_the_arcface_template_of_112_crops():
+    assert formats.ARCFACE_TEMPLATE.shape == (5, 2)
+    assert formats.ARCFACE_TEMPLATE.dtype == np.float32
+    # Eyes above the nose above the mouth, left points left of right ones.
+    t = formats.ARCFACE_TEMPLATE
+    assert t[0, 0] < t[1, 0] and t[3, 0] < t[4, 0]
+    assert max(t[0, 1], t[1, 1]) < t[2, 1] < min(t[3, 1], t[4, 1])
+    assert (0 < t).all() and (t < formats.TEMPLATE_SIZE).all()
+
+
+@given(st.integers(0, 99_999_999))
+def test_identity_folder_has_eight_digits_and_reads_back(label):
+    name = formats.identity_folder(label)
+    assert len(name) == 8 and int(name) == label
+
+
+def test_identity_folder_refuses_negative_labels():
+    with pytest.raises(ValueError, match='non-negative'):
+        formats.identity_folder(-1)
+
+
+@given(st.integers(1, 10**6), st.integers(1, 4096), st.integers(1, 4096))
+def test_property_line_reads_back(num_classes, height, width):
+    line = formats.format_property(num_classes, height, width)
+    assert formats.parse_property(line) == ((height, width), num_classes)
+
+
+@pytest.mark.parametrize('line', ['', '300,112', '300,112,112,3', 'a,b,c',
+                                  '300,112,-1', '0,112,112', '3²,112,112',
+                                  '300,١١٢,112', '300, ,112'])
+def test_bad_property_lines_are_refused_by_name(line):
+    with pytest.raises(ValueError, match='some/property'):
+        formats.parse_property(line, 'some/property')
+
+
+@given(st.text(max_size=20))
+def test_any_property_line_parses_or_raises_value_error(line):
+    try:
+        (height, width), num_classes = formats.parse_property(line)
+    except ValueError:
+        return
+    assert min(height, width, num_classes) >= 1
+
+
+@pytest.mark.parametrize('height,width', [(112, 112), (1, 1), (300, 451)])
+@pytest.mark.parametrize('progressive', [False, True])
+def test_jpeg_size_reads_the_frame_header(height, width, progressive):
+    data = jpeg(height, width, progressive=progressive)
+    assert formats.jpeg_size(data) == (height, width)
+    assert formats.check_jpeg_header(data, 'x', (height, width)) == \
+        (height, width)
+
+
+def test_a_huge_claimed_size_is_refused_before_decoding():
+    bomb = with_claimed_size(jpeg(16, 16), 20000, 20000)
+    assert len(bomb) < 4096 and formats.jpeg_size(bomb) == (20000, 20000)
+    with pytest.raises(ValueError, match='20000x20000'):
+        formats.check_jpeg_header(bomb, 'bomb.jpg')
+
+
+def test_a_wrong_size_is_refused_by_name():
+    with pytest.raises(ValueError, match=r'a\.jpg: image is 20x10, expected '
+                                         r'112x112'):
+        formats.check_jpeg_header(jpeg(10, 20), 'a.jpg', (112, 112))
+
+
+@given(st.binary(max_size=64))
+def test_jpeg_size_never_fails_on_garbage(data):
+    size = formats.jpeg_size(b'\xff\xd8' + data)
+    assert size is None or len(size) == 2
+
+
+@pytest.mark.parametrize('data', [b'', b'GIF89a', jpeg(8, 8)[:20]])
+def test_not_a_jpeg_is_refused(data):
+    with pytest.raises(ValueError, match='not a JPEG'):
+        formats.check_jpeg_header(data, 'x.jpg')
+
+
+def test_read_regular_file_refuses_a_fifo_at_once(tmp_path):
+    fifo = tmp_path / 'face.jpg'
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match='not a regular file'):
+        formats.read_regular_file(str(fifo))
+
+
+def test_read_regular_file_refuses_oversized_files(tmp_path):
+    path = tmp_path / 'big.jpg'
+    path.write_bytes(b'x' * 100)
+    assert formats.read_regular_file(str(path), max_bytes=100) == b'x' * 100
+    with pytest.raises(ValueError, match='101 bytes'):
+        path.write_bytes(b'x' * 101)
+        formats.read_regular_file(str(path), max_bytes=100)
+
+
+def test_read_regular_file_refuses_a_folder(tmp_path):
+    with pytest.raises(ValueError, match='not a regular file'):
+        formats.read_regular_file(str(tmp_path))
