@@ -566,7 +566,7 @@ class FaceResNet(nn.HybridBlock):
             nn.Flatten(),
             nn.Dense(embedding_size, in_units=in_channels * 7 * 7),
             # A fixed scale keeps every embedding dimension on the same
-            # footing; the batch norm only centres and standardises them.
+            # footing; the batch norm only centers and standardizes them.
             nn.BatchNorm(scale=False, in_channels=embedding_size))
 
     def hybrid_forward(self, F, x):
@@ -627,7 +627,7 @@ class MarginLogits(nn.Block):
     def forward(self, embeddings, labels):
         def unit_rows(x):
             return x / np.sqrt((x * x).sum(axis=1, keepdims=True) + 1e-12)
-        weight = self.weight.data(embeddings.ctx)
+        weight = self.weight.data(embeddings.context)
         cos = np.dot(unit_rows(embeddings), unit_rows(weight).T)
         cos = np.clip(cos, -1 + self.eps, 1 - self.eps)
         cos_target = npx.pick(cos, labels, axis=1)

@@ -108,6 +108,46 @@ def test_target_logit_is_continuous_and_decreasing(name):
     assert curve[0] == pytest.approx(math.cos(m2) - m3)
 
 
+def bisect(f, lo, hi, steps=100):
+    """A root of f in [lo, hi], where f(lo) and f(hi) differ in sign."""
+    assert f(lo) * f(hi) < 0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(lo) * f(mid) > 0 else (lo, mid)
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize('m1', [SETTINGS['sphereface'][0], 1.2, 2.0])
+def test_sphereface_penalty_rises_peaks_and_falls(m1):
+    # The penalty cos(theta) - target logit / s is cos(theta) - cos(m1 theta)
+    # up to theta_max = pi / m1. It is bounded: it rises while its
+    # derivative m1 sin(m1 theta) - sin(theta) is positive, peaks where
+    # that vanishes, falls until theta_max, and stays at the constant
+    # 1 + cos(theta_max) of the fallback beyond.
+    theta_max = math.pi / m1
+    peak = bisect(lambda t: m1 * math.sin(m1 * t) - math.sin(t),
+                  1e-3, theta_max)
+    theta = onp.linspace(0, math.pi, 20001)
+    logit = d2lf.margin_target_logit(np.array(theta, dtype='float64'), 1.0,
+                                     m1).asnumpy()
+    penalty = onp.cos(theta) - logit
+    inside = theta <= theta_max
+    onp.testing.assert_allclose(
+        penalty[inside], onp.cos(theta[inside]) - onp.cos(m1 * theta[inside]),
+        atol=1e-12)
+    onp.testing.assert_allclose(penalty[~inside], 1 + math.cos(theta_max),
+                                atol=1e-12)
+    steps = onp.diff(penalty)
+    rising, falling = theta[1:] <= peak, (theta[:-1] >= peak) & inside[1:]
+    assert (steps[rising] > 0).all() and (steps[falling] < 0).all()
+    assert theta[penalty.argmax()] == pytest.approx(peak,
+                                                    abs=theta[1] - theta[0])
+    assert penalty.max() == pytest.approx(
+        math.cos(peak) - math.cos(m1 * peak), abs=1e-6)
+    # The fallback's constant lies below the peak: the penalty does fall.
+    assert 1 + math.cos(theta_max) < penalty.max()
+
+
 @pytest.mark.parametrize('name', list(SETTINGS))
 @pytest.mark.parametrize('sign', [1.0, -1.0], ids=['theta0', 'theta_pi'])
 def test_gradients_finite_when_parallel_or_antiparallel(name, sign):
@@ -225,7 +265,7 @@ def test_hybridized_equals_imperative():
                                 atol=1e-5)
 
 
-def test_input_is_normalised_inside():
+def test_input_is_normalized_inside():
     # Pixels in [0, 1]: the network maps 0.5 to 0, so a constant grey image
     # gives the same output as feeding zeros through the stem directly.
     net = d2lf.face_resnet(18, width=0.125, embedding_size=16)
