@@ -73,12 +73,13 @@ def read_regular_file(path, max_bytes=MAX_IMAGE_BYTES):
         if info.st_size > max_bytes:
             raise ValueError(f'{path}: {info.st_size} bytes, more than the '
                              f'{max_bytes} allowed for one image')
+        # Read one byte more than the size, to notice a file that grows.
         with os.fdopen(fd, 'rb', closefd=False) as f:
-            data = f.read(max_bytes + 1)
+            data = f.read(info.st_size + 1)
     finally:
         os.close(fd)
-    if len(data) > max_bytes:
-        raise ValueError(f'{path}: grew beyond {max_bytes} bytes while read')
+    if len(data) != info.st_size:
+        raise ValueError(f'{path}: changed size while it was read')
     return data
 
 
