@@ -1,22 +1,35 @@
 """A checked path for the data this chapter fetches: downloads, archives, ``.bin`` pairs.
 
-* ``download`` streams into a ``.part`` file beside the target, checks the length
-  the server announced and the SHA-1 *after* the transfer, and only then renames
-  the file into place: an interrupted or corrupted download never sits under the
-  final name. Network failures raise ``DownloadError`` with the stand-in hint.
+* ``download`` streams into a temporary file beside the target, checks the
+  length the server announced, stops a body that grows past ``max_bytes`` (by
+  default most of the free disk space), checks the SHA-1 *after* the transfer,
+  and only then renames the file into place: an interrupted or corrupted
+  download never sits under the final name.
 * ``extract`` reads every member name of a zip or tar archive before writing a
   byte and refuses absolute paths, ``..``, drive letters and backslashes, links
-  that leave the target folder (or pass through another link), and device or
-  FIFO members. It also adds up the members' sizes and refuses an archive that
-  would not fit in the free disk space (a "zip bomb" among them): zipfile stops
-  at each member's declared size and tar headers hold exact sizes, so the sum
-  is binding. It unpacks into a hidden staging folder and moves the result in
-  only when complete, so a failure leaves the previous extraction untouched;
-  ``download_extract`` marks a finished extraction and skips it next time.
+  that leave the target folder (or pass through another link), device or FIFO
+  members, encrypted members, compression methods Python cannot read, and names
+  too long for the file system. It adds up the members' sizes and refuses an
+  archive that would not fit in the free disk space (zipfile stops at each
+  member's declared size and tar headers hold exact sizes, so the sum is
+  binding). It unpacks into a hidden staging folder and moves the result in only
+  when the archive was read to its end and passed every check its format has
+  (zip CRCs; tar header checksums and the end-of-archive blocks; gzip, bzip2
+  and xz checksums), so a damaged archive leaves nothing behind.
 * ``load_bin_pairs`` reads InsightFace verification files (a pickle of
   ``(bins, issame_list)``) without running code from them: the unpickler knows
-  no globals besides inert stand-ins for numpy bools and Python 2 bytes, and the
-  result must be exactly ``2 * n`` non-empty byte strings and ``n`` booleans.
+  no globals besides inert stand-ins for numpy bools and Python 2 bytes; the
+  result must be exactly ``2 * n`` non-empty byte strings and ``n`` booleans,
+  with ``n`` at most ``MAX_PAIRS`` and the images adding up to no more than
+  the file could hold without repeating itself.
+
+Every failure of the network or of a file arrives as a ``DataError`` naming
+the file and the cause (a URL without a file name is a ``ValueError``): a
+``DownloadError`` (also an ``OSError``) for the network and for downloaded
+archives that do not unpack, an ``ArchiveError`` or ``BinFormatError`` (also
+``ValueError``) for bad files. Temporary files and folders are named
+``.d2l-face-<host>-<pid>-<random>.<kind>``; a later call removes those whose
+process is dead, and nothing else. Files get the user's umask.
 """
 import hashlib
 import io
@@ -24,18 +37,22 @@ import os
 import pickle
 import pickletools
 import re
+import secrets
 import shutil
+import socket
 import sys
 import tarfile
-import tempfile
 import time
 import zipfile
 from urllib.parse import unquote, urlsplit
 
 import requests
 
+from d2l_face import formats
+
 __all__ = [
-    'DownloadError', 'ArchiveError', 'UnsafeArchiveError', 'BinFormatError',
+    'DataError', 'DownloadError', 'ArchiveError', 'UnsafeArchiveError',
+    'DownloadedArchiveError', 'BinFormatError', 'MAX_PAIRS',
     'download', 'extract', 'download_extract', 'load_bin_pairs',
     'save_bin_pairs', 'sha1_file',
 ]
@@ -43,7 +60,11 @@ __all__ = [
 STANDIN_HINT = 'set D2L_FACE_SOURCE=standin to use the generated stand-in data'
 
 
-class DownloadError(OSError):
+class DataError(Exception):
+    """Data that could not be fetched, unpacked or read; the message says which and why."""
+
+
+class DownloadError(DataError, OSError):
     """A download failed or its content did not verify.
 
     An ``OSError`` so that code already prepared for I/O failures (a missing
@@ -51,16 +72,121 @@ class DownloadError(OSError):
     """
 
 
-class ArchiveError(ValueError):
-    """An archive is of an unknown type, corrupt, or lacks an expected folder."""
+class ArchiveError(DataError, ValueError):
+    """An archive is of an unknown type, damaged, or lacks an expected folder."""
 
 
 class UnsafeArchiveError(ArchiveError):
     """An archive member would be written outside the target folder."""
 
 
-class BinFormatError(ValueError):
+class DownloadedArchiveError(ArchiveError, DownloadError):
+    """A downloaded archive could not be unpacked.
+
+    Both an ``ArchiveError`` and a ``DownloadError``: a caller that falls back
+    to other data when the download fails also falls back when what arrived is
+    unusable.
+    """
+
+
+class BinFormatError(DataError, ValueError):
     """A verification ``.bin`` file is not a well-formed ``(bins, issame)`` pickle."""
+
+
+def _cause(exc):
+    return f'{type(exc).__name__}: {exc}'
+
+
+# ---------------------------------------------------------------- temporaries
+
+# Our temporaries carry the host and the pid of their maker, so that a later
+# run can prove them orphaned (a process killed with -9 runs no clean-up).
+_TEMP_PREFIX = '.d2l-face-'
+_HOST = re.sub(r'[^A-Za-z0-9]', '', socket.gethostname())[:32] or 'host'
+_TEMP_NAME = re.compile(r'\.d2l-face-(?P<host>[A-Za-z0-9]+)-(?P<pid>[0-9]{1,10})'
+                        r'-[0-9a-f]{16}\.(?P<kind>part|extracting|replaced)')
+_TEMP_NAME_LENGTH = len(f'{_TEMP_PREFIX}{_HOST}-{2**32}-{"0" * 16}.extracting')
+
+
+def _temp_path(folder, kind, pid=None):
+    pid = os.getpid() if pid is None else pid
+    return os.path.join(folder, f'{_TEMP_PREFIX}{_HOST}-{pid}-{secrets.token_hex(8)}.{kind}')
+
+
+def _create_temp_file(folder):
+    """Create a new temporary file in ``folder``; return ``(path, binary file)``.
+
+    Created with mode 0o666 so that the kernel applies the umask, as for any
+    file the user makes (``tempfile`` would make it 0o600 for good).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0)
+    while True:
+        path = _temp_path(folder, 'part')
+        try:
+            fd = os.open(path, flags, 0o666)
+        except FileExistsError:
+            continue
+        return path, os.fdopen(fd, 'wb')
+
+
+def _create_temp_dir(folder, kind):
+    """Create a new private temporary folder in ``folder``; return its path."""
+    while True:
+        path = _temp_path(folder, kind)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return path
+
+
+def _pid_alive(pid):
+    """False only when no process ``pid`` exists on this machine."""
+    if os.name != 'posix' or pid <= 0:
+        return True  # cannot prove it dead (and Windows' os.kill would kill)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, as another user
+        return True
+    return True
+
+
+def _restore_aside(aside, folder):
+    """Put back an entry set aside for replacement whose replacement never arrived."""
+    for name in os.listdir(aside):
+        if not os.path.lexists(os.path.join(folder, name)):
+            os.rename(os.path.join(aside, name), os.path.join(folder, name))
+
+
+def _remove_stale_temps(folder):
+    """Remove the temporaries in ``folder`` that a dead process of ours left.
+
+    Only names made by ``_temp_path`` on this host, with a pid that no longer
+    exists, real files or folders (not links), are touched; entries are listed,
+    never matched with a pattern, so a folder named ``data[1]`` cannot reach
+    into ``data1``. Best effort: a failure here never stops the caller.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if (not match or match['host'] != _HOST
+                or _pid_alive(int(match['pid']))):
+            continue
+        try:
+            if match['kind'] == 'part':
+                if entry.is_file(follow_symlinks=False):
+                    os.remove(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                if match['kind'] == 'replaced':
+                    _restore_aside(entry.path, folder)
+                shutil.rmtree(entry.path)
+        except OSError:
+            pass  # gone already (another run cleaning up), or not ours to remove
 
 
 # ---------------------------------------------------------------- downloads
@@ -111,7 +237,7 @@ class _Progress:
 
 
 def _describe(exc, timeout):
-    """A short human cause for a ``requests`` exception."""
+    """A short human cause for an exception raised while downloading."""
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         return f'HTTP {exc.response.status_code} {exc.response.reason}'
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
@@ -120,70 +246,100 @@ def _describe(exc, timeout):
         return f'no answer within {timeout} s'
     if isinstance(exc, requests.ConnectionError):
         return f'connection failed ({exc})'
-    return f'{type(exc).__name__}: {exc}'
+    return _cause(exc)
 
 
-def _fetch(url, tmp, timeout, chunk_size, name):
+def _announced_length(resp, url):
+    """The body length the server announced, ``None`` if it announced none."""
+    if resp.headers.get('Content-Encoding', 'identity').lower() != 'identity':
+        return None  # the length is of the encoded body; the SHA-1 still guards us
+    raw = resp.headers.get('Content-Length')
+    if raw is None:
+        return None
+    if not re.fullmatch(r'[0-9]{1,20}', raw.strip(), re.ASCII):
+        raise DownloadError(f'{url}: the server sent an invalid Content-Length '
+                            f'{raw!r}; try again, or {STANDIN_HINT}')
+    return int(raw)
+
+
+def _fetch(url, tmp, timeout, chunk_size, name, limit):
     """Stream ``url`` into the open file ``tmp``; return the SHA-1 (hex) of what was written."""
     sha1, done = hashlib.sha1(), 0
     # Ask for the bytes as stored, so Content-Length counts what we write.
     with requests.get(url, stream=True, timeout=timeout,
                       headers={'Accept-Encoding': 'identity'}) as resp:
         resp.raise_for_status()
-        total = int(resp.headers.get('Content-Length') or 0)
-        if resp.headers.get('Content-Encoding', 'identity') != 'identity':
-            total = 0  # the length is of the encoded body; the SHA-1 still guards us
-        progress = _Progress(name, total)
+        total = _announced_length(resp, url)
+        if total is not None and total > limit:
+            raise DownloadError(f'{url} announces {total} bytes, more than the '
+                                f'{limit} allowed here; nothing was kept')
+        progress = _Progress(name, total or 0)
         try:
             for chunk in resp.iter_content(chunk_size):
+                done += len(chunk)
+                if done > limit:  # a body that never ends must not fill the disk
+                    raise DownloadError(f'{url} sent more than the {limit} bytes '
+                                        f'allowed here; stopped and discarded')
                 tmp.write(chunk)
                 sha1.update(chunk)
-                done += len(chunk)
                 progress.update(done)
         finally:
             progress.close()
-    if total and done != total:
+    if total is not None and done != total:
         raise DownloadError(f'incomplete download of {url}: received {done} of '
                             f'{total} bytes; try again, or {STANDIN_HINT}')
     return sha1.hexdigest()
 
 
-def download(url, folder, sha1_hash=None, timeout=30, chunk_size=1 << 20):
+def _default_limit(folder):
+    """The free space in ``folder`` less a reserve (a tenth of it, at most 1 GiB)."""
+    free = shutil.disk_usage(folder).free
+    return free - min(free // 10, 1 << 30)
+
+
+def download(url, folder, sha1_hash=None, timeout=30, chunk_size=1 << 20,
+             max_bytes=None):
     """Download ``url`` into ``folder`` and return the path of the file.
 
     The file is named after the URL's last path component. If it already exists
     and matches ``sha1_hash``, it is returned without any network access; with no
     hash there is nothing to trust it by, so it is fetched again. ``timeout``
-    bounds connecting and each wait for data, not the whole transfer. Raises
-    ``DownloadError`` for HTTP errors, network failures, short transfers and
-    checksum mismatches; the final name is only ever written by a complete,
-    verified download.
+    bounds connecting and each wait for data, not the whole transfer;
+    ``max_bytes`` bounds the body (by default: the free disk space less a
+    reserve). Raises ``DownloadError`` for HTTP errors, network failures, bad or
+    unmet ``Content-Length``, oversized bodies, checksum mismatches and local
+    I/O errors; the final name is only ever written by a complete, verified
+    download.
     """
-    os.makedirs(folder, exist_ok=True)
     name = _file_name(url)
+    folder = os.fspath(folder)
     path = os.path.join(folder, name)
     expected = sha1_hash.lower() if sha1_hash else None
-    if expected and os.path.isfile(path) and sha1_file(path) == expected:
-        return path
-    tmp = tempfile.NamedTemporaryFile(dir=folder, prefix=name + '.',
-                                      suffix='.part', delete=False)
+    tmp_path = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        if expected and os.path.isfile(path) and sha1_file(path) == expected:
+            return path
+        _remove_stale_temps(folder)
+        limit = _default_limit(folder) if max_bytes is None else max_bytes
+        tmp_path, tmp = _create_temp_file(folder)
         with tmp:
-            try:
-                actual = _fetch(url, tmp, timeout, chunk_size, name)
-            except requests.RequestException as e:
-                raise DownloadError(f'could not download {url}: '
-                                    f'{_describe(e, timeout)}; check the address '
-                                    f'and your network, or {STANDIN_HINT}') from e
+            actual = _fetch(url, tmp, timeout, chunk_size, name, limit)
         if expected and actual != expected:
             raise DownloadError(f'SHA-1 mismatch for {url}: expected {expected}, '
                                 f'got {actual}; the file was discarded. Try again, '
                                 f'or {STANDIN_HINT}')
-        os.replace(tmp.name, path)
+        os.replace(tmp_path, path)
+    except DownloadError:
+        raise
+    except Exception as e:  # network, protocol, header or local I/O: all one kind for the caller
+        raise DownloadError(f'could not download {url} to {path}: '
+                            f'{_describe(e, timeout)}; check the address, your '
+                            f'network and the disk, or {STANDIN_HINT}') from e
     finally:
         # After os.replace the temporary name is gone; on any error we remove it.
-        if os.path.exists(tmp.name):
-            os.remove(tmp.name)
+        if tmp_path is not None and os.path.lexists(tmp_path):
+            os.remove(tmp_path)
     return path
 
 
@@ -191,6 +347,18 @@ def download(url, folder, sha1_hash=None, timeout=30, chunk_size=1 << 20):
 
 _TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tbz2', '.tar.xz', '.txz')
 _DRIVE = re.compile(r'^[A-Za-z]:')
+# The methods Python's zipfile decompresses; Deflate64 (9) and others raise
+# NotImplementedError only once a member is read.
+_ZIP_METHODS = {zipfile.ZIP_STORED: 'stored', zipfile.ZIP_DEFLATED: 'deflate',
+                zipfile.ZIP_BZIP2: 'bzip2', zipfile.ZIP_LZMA: 'lzma'}
+_ZIP_METHOD_NAMES = {9: 'Deflate64', 10: 'PKWARE implode', 93: 'Zstandard',
+                     98: 'PPMd', 99: 'AES encryption'}
+# Deeper than any dataset; os.makedirs recurses once per level and would hit
+# Python's recursion limit near a thousand.
+_MAX_DEPTH = 100
+# A tar ends with zero blocks, padded with zeros to its record size (10 KiB by
+# default, a few MiB for big blocking factors); more than this is not padding.
+_MAX_TAR_TAIL = 32 << 20
 
 
 def _archive_kind(archive):
@@ -214,6 +382,39 @@ def _parts(name, archive):
     if '..' in parts:
         raise UnsafeArchiveError(f'{archive}: member {name!r} contains ".."')
     return parts
+
+
+def _existing_ancestor(folder):
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):  # the folder may not exist yet
+        path = os.path.dirname(path)
+    return path
+
+
+def _path_limits(folder):
+    """``(longest name, longest member path)``, in bytes, that ``folder`` can take."""
+    try:
+        where = _existing_ancestor(folder)
+        name_max = os.pathconf(where, 'PC_NAME_MAX')
+        path_max = os.pathconf(where, 'PC_PATH_MAX')
+    except (AttributeError, ValueError, OSError):
+        name_max, path_max = 255, 4096
+    # Members are written below the staging folder; the kernel counts a NUL too.
+    staging = len(os.fsencode(os.path.abspath(folder))) + 1 + _TEMP_NAME_LENGTH + 1
+    return name_max, path_max - staging - 1
+
+
+def _check_length(parts, name, archive, limits):
+    """Refuse a name the file system would reject (ENAMETOOLONG) before writing anything."""
+    name_max, path_max = limits
+    longest = max((len(os.fsencode(p)) for p in parts), default=0)
+    if longest > name_max:
+        raise ArchiveError(f'{archive}: member {name[:80]!r}... has a name of '
+                           f'{longest} bytes; this file system allows {name_max}')
+    if len(parts) > _MAX_DEPTH or len(os.fsencode('/'.join(parts))) > path_max:
+        raise ArchiveError(f'{archive}: member {name[:80]!r}... is nested too deep '
+                           f'or named too long to extract here ({len(parts)} '
+                           f'levels, at most {_MAX_DEPTH}, and {path_max} bytes of path)')
 
 
 def _check_through_links(parts, links, name, archive):
@@ -249,7 +450,7 @@ def _resolve_link(start, target, links, name, archive):
             here.append(part)
 
 
-def _check_tar(tar, archive):
+def _check_tar(tar, archive, limits):
     members = [(m, _parts(m.name, archive)) for m in tar.getmembers()]
     links = {'/'.join(parts) for m, parts in members if m.issym()}
     for m, parts in members:
@@ -264,15 +465,54 @@ def _check_tar(tar, archive):
         elif not (m.isreg() or m.isdir()):
             raise UnsafeArchiveError(f'{archive}: member {m.name!r} is a device '
                                      f'or FIFO; refusing to create it')
+        _check_length(parts, m.name, archive, limits)
 
 
-def _check_zip(zf, archive):
+def _check_tar_end(tar, archive):
+    """Refuse a tar whose member list stopped before the archive's end.
+
+    ``tarfile`` ends the member list silently at the first header it cannot
+    read after the first one (a bad checksum, a cut at a block boundary), so a
+    damaged archive would pass for a shorter whole one. A complete archive
+    ends with at least one zero block and nothing but zeros after it. Reading
+    to the end of the stream also makes gzip, bzip2 and xz check their CRCs and
+    lengths, which they do only at the end.
+    """
+    f = tar.fileobj
+    f.seek(tar.offset)  # forward after extraction, so no compressed stream rewinds
+    tail = 0
+    for chunk in iter(lambda: f.read(1 << 16), b''):
+        if chunk.count(0) != len(chunk):
+            raise ArchiveError(f'{archive}: damaged member header at byte '
+                               f'{tar.offset} of the tar stream (the archive '
+                               f'goes on after it); nothing was extracted')
+        tail += len(chunk)
+        if tail > _MAX_TAR_TAIL:
+            raise ArchiveError(f'{archive}: more than {_MAX_TAR_TAIL} bytes of '
+                               f'padding after the last member; nothing was extracted')
+    if tail < tarfile.BLOCKSIZE:
+        raise ArchiveError(f'{archive} is truncated: it ends at byte {tar.offset + tail} '
+                           f'of the tar stream without an end-of-archive block; '
+                           f'nothing was extracted')
+
+
+def _check_zip(zf, archive, limits):
     # zipfile never creates symlinks (it writes a link's target as file content),
-    # so names are all there is to check.
+    # so names, encryption and compression methods are all there is to check.
     for info in zf.infolist():
-        if not _parts(info.filename, archive) and not info.is_dir():
+        parts = _parts(info.filename, archive)
+        if not parts and not info.is_dir():
             raise UnsafeArchiveError(f'{archive}: member {info.filename!r} would '
                                      f'replace the target folder itself')
+        if info.flag_bits & 0x1:
+            raise ArchiveError(f'{archive}: member {info.filename!r} is encrypted; '
+                               f'this project reads unencrypted archives only')
+        if info.compress_type not in _ZIP_METHODS:
+            method = _ZIP_METHOD_NAMES.get(info.compress_type, 'unknown')
+            raise ArchiveError(f'{archive}: member {info.filename!r} uses compression '
+                               f'method {info.compress_type} ({method}), which '
+                               f'Python cannot decompress; repack it with deflate')
+        _check_length(parts, info.filename, archive, limits)
 
 
 # The 'data' filter (Python >= 3.11.4) repeats the path checks and also drops
@@ -289,18 +529,36 @@ def _unpacked_size(arc, kind):
 
 
 def _check_space(arc, kind, archive, folder):
-    on_disk = os.path.abspath(folder)
-    while not os.path.exists(on_disk):  # the folder may not exist yet
-        on_disk = os.path.dirname(on_disk)
-    needed, free = _unpacked_size(arc, kind), shutil.disk_usage(on_disk).free
+    needed = _unpacked_size(arc, kind)
+    free = shutil.disk_usage(_existing_ancestor(folder)).free
     if needed > free:
         raise ArchiveError(f'{archive} unpacks to {needed / 2**20:.1f} MiB but '
                            f'only {free / 2**20:.1f} MiB are free in {folder}; '
                            f'nothing was extracted')
 
 
+def _make_folders(folder):
+    """``os.makedirs(folder)``; return the folders it created, deepest first."""
+    created, path = [], os.path.abspath(folder)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        created.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    return created
+
+
+def _remove_folders(created):
+    """Undo ``_make_folders`` as far as the folders are still empty."""
+    for path in created:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+
+
 def _unpack(archive, kind, folder):
-    """Check every member, then extract into a fresh staging folder inside ``folder``."""
+    """Check every member, extract into a fresh staging folder inside ``folder``, check the end."""
+    limits = _path_limits(folder)
     if kind == 'zip':
         arc = zipfile.ZipFile(archive)
         check, extract_all = _check_zip, arc.extractall
@@ -308,31 +566,42 @@ def _unpack(archive, kind, folder):
         arc = tarfile.open(archive, 'r:*')
         check, extract_all = _check_tar, lambda dest: arc.extractall(dest, **_TAR_FILTER)
     with arc:
-        check(arc, archive)
+        check(arc, archive, limits)
         _check_space(arc, kind, archive, folder)
-        os.makedirs(folder, exist_ok=True)
-        staging = tempfile.mkdtemp(dir=folder, prefix='.extracting-')
+        created = _make_folders(folder)
+        staging = None
         try:
-            extract_all(staging)
+            _remove_stale_temps(folder)
+            staging = _create_temp_dir(folder, 'extracting')
+            extract_all(staging)  # zipfile checks each member's CRC as it reads it
+            if kind == 'tar':
+                _check_tar_end(arc, archive)
         except BaseException:
-            shutil.rmtree(staging)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            _remove_folders(created)
             raise
     return staging
 
 
 def _move_into_place(staging, folder):
     """Move each top-level entry of ``staging`` into ``folder``, replacing same-named ones."""
-    for name in os.listdir(staging):
-        src, dst = os.path.join(staging, name), os.path.join(folder, name)
-        if os.path.lexists(dst):
-            # Set the old entry aside first so that a name is never half-written.
-            aside = tempfile.mkdtemp(dir=folder, prefix='.replaced-')
-            os.rename(dst, os.path.join(aside, name))
-            os.rename(src, dst)
-            shutil.rmtree(aside)
-        else:
-            os.rename(src, dst)
-    os.rmdir(staging)
+    try:
+        for name in os.listdir(staging):
+            src, dst = os.path.join(staging, name), os.path.join(folder, name)
+            if os.path.lexists(dst):
+                # Set the old entry aside first so that a name is never half-written;
+                # if we die in between, the next run puts it back (_remove_stale_temps).
+                aside = _create_temp_dir(folder, 'replaced')
+                os.rename(dst, os.path.join(aside, name))
+                os.rename(src, dst)
+                shutil.rmtree(aside)
+            else:
+                os.rename(src, dst)
+        os.rmdir(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def extract(archive, folder):
@@ -341,18 +610,25 @@ def extract(archive, folder):
     Every member is checked before anything is written (``UnsafeArchiveError``
     names the first offender). The archive's top-level entries replace entries of
     the same name in ``folder``; other entries of ``folder`` are left alone.
-    A corrupt archive raises ``ArchiveError`` naming the file.
+    A damaged, truncated or unreadable archive, and any failure to write it out,
+    raises ``ArchiveError`` naming the file and the cause, and leaves ``folder``
+    as it was.
     """
     archive, folder = os.fspath(archive), os.fspath(folder)
     kind = _archive_kind(archive)
     try:
         staging = _unpack(archive, kind, folder)
+        _move_into_place(staging, folder)
+    except ArchiveError:
+        raise
     except _TAR_FILTER_ERROR as e:
         raise UnsafeArchiveError(f'{archive}: {e}') from e
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
-        # EOFError: a truncated gzip/bz2/xz stream.
-        raise ArchiveError(f'corrupt or truncated archive {archive}: {e}') from e
-    _move_into_place(staging, folder)
+    except Exception as e:
+        # BadZipFile, TarError, EOFError (a cut stream), zlib.error, lzma.LZMAError,
+        # OSError (bzip2 data, names the file system refuses, a full disk),
+        # NotImplementedError and RuntimeError from zipfile: all one kind here.
+        raise ArchiveError(f'cannot extract {archive}: damaged, truncated or '
+                           f'unwritable ({_cause(e)}); nothing was extracted') from e
     return folder
 
 
@@ -370,30 +646,51 @@ def download_extract(url, sha1_hash, folder, subdir=None):
     The dataset folder is ``folder/subdir`` (by default the archive's name without
     its extension). A marker file ``.extracted-<sha1>`` inside it records a
     complete extraction of exactly that archive; when it is present and the hash
-    is known, nothing is downloaded or extracted again.
+    is known, nothing is downloaded or extracted again. Every failure is a
+    ``DownloadError``; one that happens after the download (a damaged archive,
+    a missing folder) is a ``DownloadedArchiveError``, an ``ArchiveError`` too.
     """
     name = _file_name(url)
     dataset = os.path.join(folder, subdir if subdir is not None else _archive_stem(name))
     if sha1_hash and os.path.exists(os.path.join(dataset, f'.extracted-{sha1_hash.lower()}')):
         return dataset
     archive = download(url, folder, sha1_hash)
-    marker = os.path.join(dataset, f'.extracted-{sha1_file(archive)}')
-    if os.path.exists(marker):
-        return dataset
-    extract(archive, folder)
-    if not os.path.isdir(dataset):
-        raise ArchiveError(f'{archive} does not contain the folder {subdir or _archive_stem(name)!r}')
-    with open(marker, 'w') as f:
-        f.write(url + '\n')
+    try:
+        marker = os.path.join(dataset, f'.extracted-{sha1_file(archive)}')
+        if os.path.exists(marker):
+            return dataset
+        extract(archive, folder)
+        if not os.path.isdir(dataset):
+            raise ArchiveError(f'{archive} does not contain the folder '
+                               f'{subdir or _archive_stem(name)!r}')
+        with open(marker, 'w') as f:
+            f.write(url + '\n')
+    except (ArchiveError, OSError) as e:
+        raise DownloadedArchiveError(f'{url} was downloaded but cannot be used: '
+                                     f'{e}; {STANDIN_HINT}') from e
     return dataset
 
 
 # ---------------------------------------------------------------- .bin pairs
 
+# InsightFace's verification sets hold 6,000-7,000 pairs; this bounds what a
+# file may ask a reader to decode.
+MAX_PAIRS = 100_000
+_MAX_BIN_BYTES = 2 << 30
+# A pickle written from separate byte strings stores each image once, plus a
+# few bytes per object, so its images and objects add up to less than its size;
+# one that shares an image between a few pairs (as Python 3 pickles shared
+# objects) adds up to a little more. We allow four times the size.
+_EXPANSION = 4
+_MAX_DTYPE_CODE = 8  # numpy codes such as 'b1' or '|b1'
+
+
 class _NumpyDType:
-    """Inert stand-in for ``numpy.dtype`` inside a pickle: it only remembers the code."""
+    """Inert stand-in for ``numpy.dtype`` inside a pickle: it only remembers a short code."""
 
     def __init__(self, code=None, *args):
+        if isinstance(code, (bytes, str)) and len(code) > _MAX_DTYPE_CODE:
+            raise pickle.UnpicklingError(f'numpy dtype code of {len(code)} characters')
         self.code = code.decode('ascii', 'replace') if isinstance(code, bytes) else code
 
     def __setstate__(self, state):
@@ -408,27 +705,38 @@ def _numpy_scalar(dtype, data=None):
     return data == b'\x01'
 
 
-def _codecs_encode(text, encoding='utf-8', *rest):
-    """Stand-in for ``_codecs.encode``, which protocol-2 pickles use for bytes."""
-    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1') or rest:
-        raise pickle.UnpicklingError('unsupported _codecs.encode call')
-    return text.encode('latin1')
-
-
-# The only globals a .bin file may name; each maps to an inert local stand-in,
-# so no numpy (or any other) code runs while loading.
-_ALLOWED_GLOBALS = {
-    ('numpy', 'dtype'): _NumpyDType,
-    ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
-    ('numpy._core.multiarray', 'scalar'): _numpy_scalar,  # numpy >= 2
-    ('_codecs', 'encode'): _codecs_encode,
-}
-
-
 class _PairsUnpickler(pickle.Unpickler):
+    """Knows only inert stand-ins, and bounds the bytes their calls may allocate.
+
+    Without the bound, a pickle could call ``_codecs.encode`` on one memoized
+    long string thousands of times, a few bytes per call, and cost gigabytes.
+    """
+
+    def __init__(self, data):
+        # encoding='bytes' keeps Python 2 str objects (the original files) as bytes.
+        super().__init__(io.BytesIO(data), encoding='bytes')
+        self._budget = _EXPANSION * len(data)
+        self._globals = {
+            ('numpy', 'dtype'): _NumpyDType,
+            ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
+            ('numpy._core.multiarray', 'scalar'): _numpy_scalar,  # numpy >= 2
+            ('_codecs', 'encode'): self._codecs_encode,
+        }
+
+    def _codecs_encode(self, text, encoding='utf-8', *rest):
+        """Stand-in for ``_codecs.encode``, which protocol-2 pickles use for bytes."""
+        if not isinstance(text, str) or encoding not in ('latin1', 'latin-1') or rest:
+            raise pickle.UnpicklingError('unsupported _codecs.encode call')
+        self._budget -= len(text)
+        if self._budget < 0:
+            raise pickle.UnpicklingError('the byte strings it builds outgrow the '
+                                         'file many times over')
+        return text.encode('latin1')
+
     def find_class(self, module, name):
+        # The only globals a .bin file may name; none runs numpy or any other code.
         try:
-            return _ALLOWED_GLOBALS[(module, name)]
+            return self._globals[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(
                 f'refusing to load the global {module}.{name}') from None
@@ -440,6 +748,8 @@ def _check_memo(data):
     CPython's unpickler allocates a memo table as large as the biggest index it
     sees, so a few crafted bytes could claim gigabytes. Picklers number memo
     entries 0, 1, 2... so an index can never exceed the opcodes read so far.
+    Walking the opcodes also refuses, without allocating, a length field that
+    claims more bytes than the file holds.
     """
     for count, (op, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
         if op.name in ('PUT', 'BINPUT', 'LONG_BINPUT') and int(arg) > count:
@@ -451,13 +761,16 @@ def _is_bool(x):
                                and type(x).__name__ in ('bool_', 'bool'))
 
 
-def _check_pairs(bins, issame, where, byte_types=(bytes, bytearray)):
-    """Validate and normalise to (list of bytes, list of bool); raise BinFormatError."""
+def _check_pairs(bins, issame, where, byte_types=(bytes, bytearray), max_pairs=MAX_PAIRS):
+    """Validate and normalize to (list of bytes, list of bool); raise BinFormatError."""
     if not isinstance(bins, (list, tuple)) or not isinstance(issame, (list, tuple)):
         raise BinFormatError(f'{where}: bins and issame must be lists, got '
                              f'{type(bins).__name__} and {type(issame).__name__}')
     if not issame:
         raise BinFormatError(f'{where}: contains no pairs')
+    if len(issame) > max_pairs:
+        raise BinFormatError(f'{where}: {len(issame)} pairs, more than the '
+                             f'{max_pairs} allowed')
     if len(bins) != 2 * len(issame):
         raise BinFormatError(f'{where}: {len(bins)} images for {len(issame)} pairs '
                              f'(expected {2 * len(issame)})')
@@ -472,45 +785,91 @@ def _check_pairs(bins, issame, where, byte_types=(bytes, bytearray)):
     return [bytes(b) for b in bins], [bool(s) for s in issame]
 
 
-def load_bin_pairs(path):
+def _check_expansion(bins, issame, file_size, where):
+    """Refuse images that add up to more than the file could hold.
+
+    A pickle can name one stored image thousands of times for two bytes each;
+    every reader would then decode it thousands of times.
+    """
+    total = sum(map(len, bins)) + len(bins) + len(issame)
+    if total > _EXPANSION * file_size:
+        raise BinFormatError(f'{where}: its {len(bins)} images and {len(issame)} '
+                             f'labels add up to {total} bytes from a file of '
+                             f'{file_size}; it repeats images by reference')
+
+
+def _read_bin(path):
+    """The bytes of ``path``: a regular file of bounded size (a FIFO would block forever)."""
+    try:
+        size = os.stat(path).st_size
+        if size > _MAX_BIN_BYTES:
+            raise BinFormatError(f'{path}: {size} bytes, more than the '
+                                 f'{_MAX_BIN_BYTES} a verification file may have')
+        # Bounded by the size just seen: the reader allocates its limit up front.
+        return formats.read_regular_file(path, max_bytes=size)
+    except ValueError as e:  # not a regular file, or it grew while read
+        raise BinFormatError(f'{path}: cannot be read as a verification file ({e})') from e
+
+
+def load_bin_pairs(path, max_pairs=MAX_PAIRS):
     """Load an InsightFace verification file; return ``(bins, issame)``.
 
     ``bins`` is a list of ``2 * n`` encoded images (bytes), ``issame`` a list of
-    ``n`` plain bools. No code from the file is run: besides containers, bytes and
-    bools only numpy bool scalars and Python 2 style bytes are understood, through
-    inert stand-ins. Anything else raises ``BinFormatError`` naming the file.
+    ``n`` plain bools, ``n <= max_pairs``. No code from the file is run: besides
+    containers, bytes and bools only numpy bool scalars and Python 2 style bytes
+    are understood, through inert stand-ins. Memory stays within a small
+    multiple of the file's size. Anything else raises ``BinFormatError``
+    naming the file.
     """
-    with open(path, 'rb') as f:
-        data = f.read()  # in memory, so a length field cannot make a read allocate more
+    data = _read_bin(path)  # in memory, so a length field cannot make a read allocate more
     try:
         _check_memo(data)
-        # encoding='bytes' keeps Python 2 str objects (the original files) as bytes.
-        obj = _PairsUnpickler(io.BytesIO(data), encoding='bytes').load()
+        obj = _PairsUnpickler(data).load()
     except Exception as e:  # nothing from the file has run, so any failure means "malformed"
         raise BinFormatError(f'{path}: not a valid verification pickle '
-                             f'({type(e).__name__}: {e})') from e
+                             f'({_cause(e)})') from e
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         size = f' of length {len(obj)}' if isinstance(obj, (tuple, list)) else ''
         raise BinFormatError(f'{path}: expected a pair (bins, issame), got a '
                              f'{type(obj).__name__}{size}')
     # Only bytes, not bytearray: a file can reference one bytearray a million times
     # through the memo, and converting each reference would copy it a million times.
-    return _check_pairs(obj[0], obj[1], path, byte_types=(bytes,))
+    bins, issame = _check_pairs(obj[0], obj[1], path, (bytes,), max_pairs)
+    _check_expansion(bins, issame, len(data), path)
+    return bins, issame
+
+
+def _unshared(bins):
+    """Copies of repeated byte-string objects, so that pickle stores every image in full.
+
+    A file that names one image many times by reference is what
+    ``_check_expansion`` refuses; what we write must load.
+    """
+    seen, out = set(), []
+    for b in bins:
+        if id(b) in seen:
+            b = bytes(bytearray(b))
+        seen.add(id(b))
+        out.append(b)
+    return out
 
 
 def save_bin_pairs(path, bins, issame):
     """Write ``(bins, issame)`` in the InsightFace format (pickle protocol 4).
 
     The input is validated like a loaded file and written atomically, so a
-    reader never sees a half-written file.
+    reader never sees a half-written file; the file gets the user's umask.
+    An image passed several times is stored several times, so the file loads.
     """
     bins, issame = _check_pairs(list(bins), list(issame), path)
+    bins = _unshared(bins)
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.NamedTemporaryFile(dir=folder, suffix='.part', delete=False)
+    _remove_stale_temps(folder)
+    tmp_path, tmp = _create_temp_file(folder)
     try:
         with tmp:
             pickle.dump((bins, issame), tmp, protocol=4)
-        os.replace(tmp.name, path)
+        os.replace(tmp_path, path)
     finally:
-        if os.path.exists(tmp.name):
-            os.remove(tmp.name)
+        if os.path.lexists(tmp_path):
+            os.remove(tmp_path)
