@@ -39,8 +39,11 @@ test: $(STAMP) standin notebooks
 	$(BIN)/python -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=1800 -p no:cacheprovider
 
+# Each framework tab is executed on its own (_build/eval, _build/eval_pytorch),
+# then d2lbook merges them into one page per section with switching tabs.
 html: $(STAMP) standin
-	$(BIN)/d2lbook build html
+	$(BIN)/d2lbook build eval --tab all
+	$(BIN)/d2lbook build html --tab all
 
 bench: $(STAMP) standin
 	$(BIN)/python benchmarks/run_all.py

@@ -24,7 +24,7 @@ def build_lib_in_copy(tmp_path):
     return copy
 
 
-@pytest.mark.parametrize('module', ['mxnet.py', '__init__.py'])
+@pytest.mark.parametrize('module', ['mxnet.py', 'torch.py', '__init__.py'])
 def test_committed_library_equals_notebooks(tmp_path, module):
     copy = build_lib_in_copy(tmp_path)
     with open(os.path.join(REPO, 'd2l_face', module)) as f:

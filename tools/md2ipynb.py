@@ -1,10 +1,11 @@
 """Turn the chapter's Markdown sections into plain, unexecuted notebooks.
 
 d2lbook's own reader understands the ``{.python .input}`` cells; this script
-applies the same steps ``d2lbook build eval`` does (read, keep the mxnet tab,
-format the code) but skips execution, so readers get notebooks to run
-themselves and nbval gets notebooks to execute in CI. Each notebook is then
-paired with a percent-format script through jupytext.
+applies the same steps ``d2lbook build eval`` does (read, keep one framework
+tab, format the code) but skips execution, so readers get notebooks to run
+themselves and nbval gets notebooks to execute in CI: one notebook per
+section and per tab, in OUT_DIR/<tab>/. Each notebook is then paired with a
+percent-format script through jupytext.
 
 Usage: python tools/md2ipynb.py OUT_DIR
 """
@@ -19,11 +20,15 @@ from d2lbook import library, notebook
 
 
 def convert(md_path, out_dir, tab, default_tab):
-    """Write OUT_DIR/<name>.ipynb and its paired OUT_DIR/<name>.py."""
+    """Write OUT_DIR/<name>.ipynb and its paired OUT_DIR/<name>.py.
+
+    Returns None, writing nothing, when the section has no cell for `tab`."""
     with open(md_path, encoding='UTF-8') as f:
         nb = notebook.read_markdown(f.read())
     nb = notebook.split_markdown_cell(nb)
     nb = notebook.get_tab_notebook(nb, tab, default_tab)
+    if nb is None:
+        return None
     nb = library.format_code_nb(nb)
     nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3',
                                  'language': 'python'}
@@ -38,10 +43,15 @@ def convert(md_path, out_dir, tab, default_tab):
 
 def main(out_dir):
     cfg = d2lbook_config.Config()
-    os.makedirs(out_dir, exist_ok=True)
-    for md_path in sorted(glob.glob('chapter_face_recognition/*.md')):
-        name = convert(md_path, out_dir, cfg.tab, cfg.default_tab)
-        print(f'{md_path} -> {out_dir}/{name}.ipynb (+ .py)')
+    for tab in cfg.tabs or [None]:
+        tab_dir = os.path.join(out_dir, tab or '')
+        os.makedirs(tab_dir, exist_ok=True)
+        for md_path in sorted(glob.glob('chapter_face_recognition/*.md')):
+            name = convert(md_path, tab_dir, tab, cfg.default_tab)
+            if name is None:
+                print(f'{md_path}: no {tab} cells, no {tab} notebook')
+            else:
+                print(f'{md_path} -> {tab_dir}/{name}.ipynb (+ .py)')
 
 
 if __name__ == '__main__':
