@@ -7,51 +7,65 @@ faces written in exactly the real on-disk format::
     root/faces-casia-ultrasmall/00000000/00000000.jpg ...  one folder a person
     root/faces-casia-ultrasmall/lfw_small.bin   verification pairs
     root/wild/wild_000.jpg ... landmarks.json   faces placed in larger scenes
-    root/.standin-complete.json                 cache marker, written last
-    root/.standin.lock                          held while generating
+    root/<either folder>/.standin-made.json     its marker, written last
+    root/.standin.lock, .standin-wild.lock      held while generating
 
 Each identity fixes its face shape, skin, hair, eyes, eyebrows, nose, mouth
 and a few marks (moles, freckles, glasses, beard); each image varies pose,
-expression, lighting, colour cast, background, occlusion, blur, noise and
+expression, lighting, color cast, background, occlusion, blur, noise and
 JPEG quality. Unperturbed, a face's five landmarks sit on the ArcFace
 112x112 template, so the crops are "aligned" like the real ones. The 600
 verification pairs (InsightFace's `.bin` format: a pickled tuple of JPEG
 bytes and "same person" flags) use identities that never appear in the
 training folders. The defaults (300 identities, 50 images each) take about
-50 CPU-seconds, which two worker processes share.
+50 CPU-seconds, which two worker processes share; the wild scenes alone
+(`generate_wild`) take about a second.
 
 Everything is drawn with OpenCV from random numbers seeded by
 ``(seed, stream, identity, image)``, so the same seed gives byte-identical
 files whatever the order or the number of worker processes.
-Run ``python -m d2l_face.standin --root DIR`` to generate from the shell.
+
+The stand-in replaces only folders it made itself (they carry its marker);
+it refuses, with ForeignFolderError, to touch any other folder of the same
+name. Run ``python -m d2l_face.standin --root DIR [--wild-only]`` to
+generate from the shell.
 """
 import argparse
 import contextlib
+import ctypes
 import functools
-import glob
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
-import pickle
 import queue as queue_module
+import re
+import secrets
 import shutil
+import signal
+import socket
+import stat
 import sys
-import tempfile
+import threading
 import time
 
 import cv2
 import numpy as np
 
-FORMAT_VERSION = 1
+from d2l_face import datahub, formats
+
+# 2: a marker inside each folder instead of one in the root; the files
+# themselves are the same as format 1's.
+FORMAT_VERSION = 2
 DATASET_DIR = 'faces-casia-ultrasmall'
 WILD_DIR = 'wild'
-MARKER = '.standin-complete.json'
-SIZE = 112
-# ArcFace's landmark template for 112x112 crops: left eye, right eye, nose
-# tip, left and right mouth corners ("left" meaning the image's left).
-TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014],
-                     [56.0252, 71.7366], [41.5493, 92.3655],
-                     [70.7299, 92.2041]])
+SIZE = formats.TEMPLATE_SIZE
+# The ArcFace template as the float64 values of its published decimals:
+# `formats` keeps it in float32, whose shortest decimals are those, and the
+# stand-in has always drawn from the float64 ones (a float32 value moves a
+# few edges of a few dozen images by a pixel).
+_TEMPLATE = np.array([[float(np.format_float_positional(v)) for v in point]
+                      for point in formats.ARCFACE_TEMPLATE])
 # Identity numbers of the verification and wild faces start far above any
 # training label, so they can never be training identities.
 VAL_ID_OFFSET = 1_000_000
@@ -73,9 +87,9 @@ BEARDS = (None, None, None, None, 'moustache', 'goatee', 'full')
 
 
 def _pick(rng, palette, jitter):
-    """A palette colour with a little per-channel jitter."""
-    colour = np.array(palette[rng.integers(len(palette))], float)
-    return np.clip(colour + rng.uniform(-jitter, jitter, 3), 0, 255)
+    """A palette color with a little per-channel jitter."""
+    color = np.array(palette[rng.integers(len(palette))], float)
+    return np.clip(color + rng.uniform(-jitter, jitter, 3), 0, 255)
 
 
 def draw_identity_params(rng, geometry_scale=1.0):
@@ -86,9 +100,9 @@ def draw_identity_params(rng, geometry_scale=1.0):
     """
     g = geometry_scale
     eye_spread, mouth_spread = rng.uniform(-2.5, 2.5, 2) * g
-    eyes = TEMPLATE[:2] + [[-eye_spread, 0], [eye_spread, 0]]
+    eyes = _TEMPLATE[:2] + [[-eye_spread, 0], [eye_spread, 0]]
     eyes[:, 1] += rng.uniform(-2, 2) * g
-    mouth = TEMPLATE[3:] + [[-mouth_spread, 0], [mouth_spread, 0]]
+    mouth = _TEMPLATE[3:] + [[-mouth_spread, 0], [mouth_spread, 0]]
     mouth[:, 1] += rng.uniform(-2, 2) * g
     skin = _pick(rng, SKIN, 12)
     hair = _pick(rng, HAIR, 15)
@@ -98,7 +112,7 @@ def draw_identity_params(rng, geometry_scale=1.0):
         'style': HAIR_STYLES[rng.integers(len(HAIR_STYLES))],
         'hairline': rng.uniform(18, 30), 'volume': rng.uniform(2, 8),
         'part': rng.choice([-1.0, 1.0]),
-        'centre_y': 60 + rng.uniform(-1.5, 1.5) * g,
+        'center_y': 60 + rng.uniform(-1.5, 1.5) * g,
         'half_width': rng.uniform(37, 45), 'chin': rng.uniform(47, 54),
         'jaw': rng.uniform(1.6, 3.2),  # superellipse power: <2 pointed chin
         'eyes': eyes,
@@ -107,7 +121,7 @@ def draw_identity_params(rng, geometry_scale=1.0):
         'brow_gap': rng.uniform(7, 11), 'brow_thick': rng.uniform(1.2, 3.5),
         'brow_tilt': rng.uniform(-4, 4), 'brow_arch': rng.uniform(0, 3.5),
         'brow_len': rng.uniform(13, 18),
-        'nose': TEMPLATE[2] + [0, rng.uniform(-3, 3) * g],
+        'nose': _TEMPLATE[2] + [0, rng.uniform(-3, 3) * g],
         'nose_width': rng.uniform(3.5, 6.5),
         'mouth': mouth, 'lip_thick': (rng.uniform(1.2, 3), rng.uniform(2, 4)),
         'mole': (rng.uniform([25, 45], [87, 100])
@@ -132,7 +146,7 @@ def draw_look(rng, wild=False):
         'shirt': rng.uniform(0, 255, 3),
         'occluder': (None if wild or rng.random() > 0.25 else
                      ('bar', 'sunglasses', 'hand', 'scarf')[rng.integers(4)]),
-        'occluder_colour': rng.uniform(0, 255, 3),
+        'occluder_color': rng.uniform(0, 255, 3),
         'side': rng.choice([-1.0, 1.0]),  # which side a hand comes from
     }
 
@@ -162,7 +176,7 @@ class _Layer:
         self.mask = np.zeros((SIZE * ss, SIZE * ss), np.uint8)
 
     def _pt(self, pts):
-        # Pixel centres: canonical x maps to canvas (x + 0.5) * ss - 0.5, so
+        # Pixel centers: canonical x maps to canvas (x + 0.5) * ss - 0.5, so
         # the later INTER_AREA downscale brings each point back to x.
         return np.round(((np.asarray(pts, float) + 0.5) * self.ss - 0.5)
                         * 16).astype(np.int32)
@@ -173,24 +187,24 @@ class _Layer:
     def _thick(self, t):
         return -1 if t < 0 else max(1, int(round(t * self.ss)))
 
-    def ellipse(self, c, axes, colour, angle=0.0, arc=(0, 360), t=-1,
+    def ellipse(self, c, axes, color, angle=0.0, arc=(0, 360), t=-1,
                 solid=False):
         args = (tuple(self._pt(c)), (self._len(axes[0]), self._len(axes[1])),
                 angle, arc[0], arc[1])
-        cv2.ellipse(self.img, *args, tuple(map(float, colour)),
+        cv2.ellipse(self.img, *args, tuple(map(float, color)),
                     self._thick(t), cv2.LINE_AA, 4)
         if solid:
             cv2.ellipse(self.mask, *args, 255, self._thick(t), cv2.LINE_AA, 4)
 
-    def poly(self, pts, colour, solid=False):
+    def poly(self, pts, color, solid=False):
         pts = [self._pt(pts)]
-        cv2.fillPoly(self.img, pts, tuple(map(float, colour)), cv2.LINE_AA, 4)
+        cv2.fillPoly(self.img, pts, tuple(map(float, color)), cv2.LINE_AA, 4)
         if solid:
             cv2.fillPoly(self.mask, pts, 255, cv2.LINE_AA, 4)
 
-    def line(self, pts, colour, t):
+    def line(self, pts, color, t):
         cv2.polylines(self.img, [self._pt(pts)], False,
-                      tuple(map(float, colour)), self._thick(t),
+                      tuple(map(float, color)), self._thick(t),
                       cv2.LINE_AA, 4)
 
 
@@ -201,13 +215,13 @@ def _face_outline(p, n=40):
     power = np.where(c >= 0, 2.2, p['jaw'])
     height = np.where(c >= 0, 56.0, p['chin'])
     x = 56 + p['half_width'] * np.sign(s) * np.abs(s) ** (2 / power)
-    y = p['centre_y'] - height * np.sign(c) * np.abs(c) ** (2 / power)
+    y = p['center_y'] - height * np.sign(c) * np.abs(c) ** (2 / power)
     return np.stack([x, y], 1)
 
 
 def _hair_top(p):
     """Polygon of the hair above the hairline, outside then back along it."""
-    a, v, cy = p['half_width'], p['volume'], p['centre_y']
+    a, v, cy = p['half_width'], p['volume'], p['center_y']
     t = np.linspace(np.pi, 2 * np.pi, 24)
     outer = np.stack([56 + (a + v) * np.cos(t), cy + (56 + v) * np.sin(t)], 1)
     if p['style'] == 'curly':  # a bumpy outline reads as curls
@@ -235,14 +249,14 @@ def _draw_head(L, p, look, lm):
     L.ellipse((56, 138), (64, 34), look['shirt'], solid=True)
     L.poly([(39, 80), (73, 80), (76, 125), (36, 125)], skin * 0.8, solid=True)
     if p['style'] == 'long':
-        L.ellipse((56, p['centre_y'] + 8), (p['half_width'] + 9, 66), hair,
+        L.ellipse((56, p['center_y'] + 8), (p['half_width'] + 9, 66), hair,
                   solid=True)
     for side in (-1, 1):  # the ear away from the viewer slips behind the head
         shift = 3 * look['yaw'] * side
         L.ellipse((56 + side * (p['half_width'] - 1 - shift), lm[0, 1] + 9),
                   (5 - abs(shift) / 2, 10), skin * 0.88, solid=True)
     outline = _face_outline(p)
-    outline[:, 0] += 2 * look['yaw'] * (outline[:, 1] > p['centre_y'])
+    outline[:, 0] += 2 * look['yaw'] * (outline[:, 1] > p['center_y'])
     L.poly(outline, skin, solid=True)
     if p['beard'] == 'full':
         below = outline[outline[:, 1] > lm[3, 1] - 6]
@@ -315,26 +329,26 @@ def _draw_extras(L, p, look, lm):
             L.ellipse((56 + side * (p['half_width'] + 0.5), lm[0, 1] - 8),
                       (3, 7), p['hair'], solid=True)
     if p['glasses'] is not None:
-        shape, colour = p['glasses']
+        shape, color = p['glasses']
         r = p['eye_size'][0] + 3.5
         for c in lm[:2]:
             if shape:
-                L.ellipse(c, (r, r * 0.8), colour, t=1.3)
+                L.ellipse(c, (r, r * 0.8), color, t=1.3)
             else:
                 L.poly(c + [(-r, -r * 0.7), (r, -r * 0.7), (r, r * 0.7),
-                            (-r, r * 0.7)], colour)
+                            (-r, r * 0.7)], color)
                 q = (r - 1.3, r * 0.7 - 1.3)  # the lens inside the frame
                 L.poly(c + [(-q[0], -q[1]), (q[0], -q[1]), q, (-q[0], q[1])],
                        p['skin'])
-        L.line([lm[0] + [r, 0], lm[1] - [r, 0]], colour, 1.3)
-    kind, colour = look['occluder'], look['occluder_colour']
+        L.line([lm[0] + [r, 0], lm[1] - [r, 0]], color, 1.3)
+    kind, color = look['occluder'], look['occluder_color']
     if kind == 'sunglasses':  # covers the eyes; the mouth stays visible
         for c in lm[:2]:
             L.ellipse(c + [0, 1], (10, 7), (25, 25, 25))
         L.line([lm[0] + [9, 0], lm[1] - [9, 0]], (25, 25, 25), 1.5)
     elif kind == 'scarf':  # covers mouth and chin; the eyes stay visible
         top = lm[2, 1] + 6
-        L.poly([(10, top), (102, top), (102, 125), (10, 125)], colour,
+        L.poly([(10, top), (102, top), (102, 125), (10, 125)], color,
                solid=True)
     elif kind == 'hand':  # one side of the lower face
         side = look['side']
@@ -355,16 +369,16 @@ def draw_face(person, look, ss=2):
     return L.img, L.mask
 
 
-def _similarity(scale, angle_deg, centre, target):
-    """2x3 matrix: turn and scale about `centre`, then move it to `target`."""
-    M = cv2.getRotationMatrix2D(tuple(map(float, centre)), angle_deg, scale)
-    M[:, 2] += np.asarray(target, float) - centre
+def _similarity(scale, angle_deg, center, target):
+    """2x3 matrix: turn and scale about `center`, then move it to `target`."""
+    M = cv2.getRotationMatrix2D(tuple(map(float, center)), angle_deg, scale)
+    M[:, 2] += np.asarray(target, float) - center
     return M
 
 
 @functools.lru_cache(maxsize=4)
 def _grid(h, w):
-    """Pixel coordinates relative to the image centre, in half-widths."""
+    """Pixel coordinates relative to the image center, in half-widths."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     r = max(h, w) / 2
     return (xx - w / 2) / r, (yy - h / 2) / r
@@ -377,22 +391,22 @@ def _ramp(h, w, angle):
 
 
 def _background(rng, h, w, clutter):
-    """A two-colour gradient with random shapes: clutter to ignore."""
+    """A two-color gradient with random shapes: clutter to ignore."""
     a, b = rng.uniform(0, 255, (2, 3)).astype(np.float32)
     t = 0.5 + 0.35 * _ramp(h, w, rng.uniform(0, 2 * np.pi))
     img = (a + (b - a) * t[..., None]).astype(np.uint8)
     for _ in range(rng.integers(clutter // 2, clutter + 1)):
-        colour = tuple(map(float, rng.uniform(0, 255, 3)))
+        color = tuple(map(float, rng.uniform(0, 255, 3)))
         x0, y0 = rng.uniform(0, [w, h]).astype(int)
         x1, y1 = (np.array([x0, y0])
                   + rng.uniform(-0.4, 0.4, 2) * [w, h]).astype(int)
         kind = rng.integers(3)
         if kind == 0:
-            cv2.rectangle(img, (x0, y0), (x1, y1), colour, -1)
+            cv2.rectangle(img, (x0, y0), (x1, y1), color, -1)
         elif kind == 1:
-            cv2.circle(img, (x0, y0), int(abs(x1 - x0) / 2) + 2, colour, -1)
+            cv2.circle(img, (x0, y0), int(abs(x1 - x0) / 2) + 2, color, -1)
         else:
-            cv2.line(img, (x0, y0), (x1, y1), colour, int(rng.integers(1, 5)))
+            cv2.line(img, (x0, y0), (x1, y1), color, int(rng.integers(1, 5)))
     return img
 
 
@@ -407,7 +421,7 @@ def _place(img, mask, bg, M, shape):
 
 
 def _light_and_noise(rng, img, strength):
-    """Contrast, brightness, colour cast, a directional light, blur, noise.
+    """Contrast, brightness, color cast, a directional light, blur, noise.
 
     `img` is float32 and is changed in place; returns uint8.
     """
@@ -439,16 +453,16 @@ def render_image(person, rng):
     img = cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
     mask = cv2.resize(mask, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
     # Residual pose of an imperfect alignment: small turn, zoom and shift.
-    centre = TEMPLATE.mean(0)
+    center = _TEMPLATE.mean(0)
     M = _similarity(rng.uniform(0.9, 1.1), np.clip(rng.normal(0, 6), -15, 15),
-                    centre, centre + np.clip(rng.normal(0, 3, 2), -8, 8))
+                    center, center + np.clip(rng.normal(0, 3, 2), -8, 8))
     out = _place(img, mask, _background(rng, SIZE, SIZE, 8).astype(np.float32),
                  M, (SIZE, SIZE))
     if look['occluder'] == 'bar':  # never tall enough to hide eyes and mouth
         x, y = rng.uniform(0, SIZE, 2)
         bw, bh = rng.uniform([20, 8], [50, 20])
         x0, x1 = int(max(x - bw / 2, 0)), int(x + bw / 2)
-        out[int(y):int(y + bh), x0:x1] = look['occluder_colour']
+        out[int(y):int(y + bh), x0:x1] = look['occluder_color']
     return _light_and_noise(rng, out, 0.6), int(rng.integers(40, 96))
 
 
@@ -465,10 +479,10 @@ def render_wild(person, rng, size=(400, 300)):
     # Fade the shoulders out so the canvas border does not show in the scene.
     fade = np.clip((1 - np.arange(n) / n) / 0.12, 0, 1)
     mask = (mask * fade[:, None]).astype(np.uint8)
-    centre = TEMPLATE.mean(0)
+    center = _TEMPLATE.mean(0)
     target = rng.uniform(0.6 * side, [w - 0.6 * side, h - 0.6 * side])
-    M = _similarity(side / SIZE, angle, centre, target)  # canonical -> scene
-    k = n / SIZE  # resized pixel centres: r = (x + 0.5) * k - 0.5
+    M = _similarity(side / SIZE, angle, center, target)  # canonical -> scene
+    k = n / SIZE  # resized pixel centers: r = (x + 0.5) * k - 0.5
     to_canon = np.array([[1 / k, 0, 0.5 / k - 0.5], [0, 1 / k, 0.5 / k - 0.5],
                          [0, 0, 1]])
     out = _place(img, mask, _background(rng, h, w, 30).astype(np.float32),
@@ -502,35 +516,83 @@ def _work(seed, per_class, out_dir, identities, keys):
     ('images', {key: JPEG bytes}) for the verification images.
     """
     for identity in identities:
-        folder = os.path.join(out_dir, f'{identity:08d}')
-        os.makedirs(folder)
+        folder = os.path.join(out_dir, formats.identity_folder(identity))
+        os.mkdir(folder)
         for k in range(per_class):
-            with open(os.path.join(folder, f'{k:08d}.jpg'), 'wb') as f:
+            name = f'{k:08d}{formats.IMAGE_SUFFIX}'
+            with open(os.path.join(folder, name), 'wb') as f:
                 f.write(image_bytes(seed, identity, k))
         yield 'identity', identity
     yield 'images', {key: image_bytes(seed, *key) for key in keys}
 
 
-def _worker_main(queue, *args):
+# Worker processes end with their parent. Tests switch the Linux-only
+# mechanism off to check that the portable one suffices on its own.
+_USE_PDEATHSIG = True
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid, use_pdeathsig):
+    """Make this worker process end as soon as `parent_pid` ends.
+
+    Without this, a worker whose parent was killed would render on at full
+    CPU into a folder nobody collects. Linux's kernel does it for us
+    (prctl); everywhere, a thread also waits on the parent sentinel that
+    multiprocessing gives a spawned child (a pipe the parent holds open,
+    or its process handle on Windows) and polls os.getppid().
+    """
+    if use_pdeathsig and sys.platform.startswith('linux'):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the thread suffices
+            pass
+    if os.getppid() != parent_pid:  # the parent died before we got here
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,),
+                     daemon=True).start()
+
+
+def _watch_parent(parent_pid):
+    parent = multiprocessing.parent_process()
+    sentinel = getattr(parent, 'sentinel', None)
+    while True:
+        if sentinel is not None:
+            if multiprocessing.connection.wait([sentinel], timeout=1):
+                os._exit(1)  # the pipe closed: the parent is gone
+        else:
+            time.sleep(1)
+        if os.getppid() != parent_pid:  # re-parented: the parent is gone
+            os._exit(1)
+
+
+def _worker_main(queue, parent_pid, use_pdeathsig, *args):
     """Body of a worker process: pass on what `_work` yields."""
+    _die_with_parent(parent_pid, use_pdeathsig)
     cv2.setNumThreads(1)  # one process per core already keeps them busy
-    for event in _work(*args):
-        queue.put(event)
+    try:
+        for event in _work(*args):
+            queue.put(event)
+    except Exception as e:  # hand the error (a full disk, say) to the parent
+        queue.put(('error', e))
+        raise
     queue.put(('done', None))
 
 
 def _run_workers(workers, seed, per_class, out_dir, identities, keys):
     """Yield the events of `_work` from `workers` spawned processes.
 
-    A worker that dies (say, killed, or it crashed while importing) stops
-    the run with an error instead of leaving us waiting forever.
+    A worker's exception is raised again here; a worker that dies (say,
+    killed, or it crashed while importing) stops the run with an error
+    instead of leaving us waiting forever.
     """
     # Not fork: a forked child can hang on the parent's OpenCV thread pool.
     ctx = multiprocessing.get_context('spawn')
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker_main, daemon=True,
-                         args=(queue, seed, per_class, out_dir,
-                               identities[w::workers], keys[w::workers]))
+                         args=(queue, os.getpid(), _USE_PDEATHSIG, seed,
+                               per_class, out_dir, identities[w::workers],
+                               keys[w::workers]))
              for w in range(workers)]
     for proc in procs:
         proc.start()
@@ -544,6 +606,8 @@ def _run_workers(workers, seed, per_class, out_dir, identities, keys):
                     raise RuntimeError('stand-in: a worker process failed, '
                                        'see its error above') from None
                 continue
+            if kind == 'error':
+                raise value
             if kind == 'done':
                 running -= 1
             else:
@@ -609,75 +673,184 @@ def make_wild(seed, num_wild, out_dir):
         json.dump(landmarks, f, indent=1, sort_keys=True)
 
 
-def _check_args(num_classes, images_per_class, num_val_pairs, num_wild, seed):
-    for name, value in [('num_classes', num_classes), ('seed', seed),
-                        ('images_per_class', images_per_class),
-                        ('num_val_pairs', num_val_pairs),
-                        ('num_wild', num_wild)]:
+def _check_args(seed, **counts):
+    """Check that `seed` and the `counts` given are ints in their range."""
+    for name, value in [('seed', seed), *counts.items()]:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise ValueError(f'{name} must be an int, not {value!r}')
     if seed < 0:
         raise ValueError(f'seed must be >= 0, not {seed}')
+    num_classes = counts.get('num_classes', 1)
     if not 1 <= num_classes <= VAL_ID_OFFSET:
         raise ValueError(f'num_classes must be in [1, {VAL_ID_OFFSET}], '
                          f'not {num_classes}')
-    if images_per_class < 1:
+    if counts.get('images_per_class', 1) < 1:
         raise ValueError(f'images_per_class must be >= 1, '
-                         f'not {images_per_class}')
+                         f'not {counts["images_per_class"]}')
+    num_val_pairs = counts.get('num_val_pairs', 2)
     if num_val_pairs < 2 or num_val_pairs % 2:
         raise ValueError(f'num_val_pairs must be even and >= 2, '
                          f'not {num_val_pairs}')
-    if num_wild < 0:
-        raise ValueError(f'num_wild must be >= 0, not {num_wild}')
+    if counts.get('num_wild', 0) < 0:
+        raise ValueError(f'num_wild must be >= 0, not {counts["num_wild"]}')
+
+
+# --- Which folders are the stand-in's own --------------------------------
+#
+# Each folder the stand-in makes carries FOLDER_MARKER, written last, before
+# the folder is moved into place in one rename. So a folder in the root is
+# complete when its marker matches the parameters asked for, and it is the
+# stand-in's own (which it may replace) when it has a valid marker of the
+# stand-in at all. Anything else is refused, never deleted.
+
+MADE_BY = 'd2l_face.standin'
+FOLDER_MARKER = '.standin-made.json'
+# Format 1 kept one marker in the root, written after both folders; its
+# folders have no FOLDER_MARKER and count as the stand-in's own while it is
+# there.
+LEGACY_MARKER = '.standin-complete.json'
+_FOLDERS = {'dataset': DATASET_DIR, 'wild': WILD_DIR}
+_LOCKS = {'dataset': '.standin.lock', 'wild': '.standin-wild.lock'}
+_MAX_MARKER_BYTES = 1 << 20
+
+
+class ForeignFolderError(FileExistsError):
+    """A folder the stand-in would write holds what it did not make."""
+
+    def __init__(self, path, what):
+        self.path = path
+        super().__init__(
+            f'{path}: {what}, so the stand-in will not replace it. Move it '
+            f'elsewhere, or generate the stand-in under another root.')
 
 
 def _read_marker(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    """The JSON object in `path`, or None if absent, unreadable or not a dict.
 
-
-def generate(root, seed=0, num_classes=300, images_per_class=50,
-             num_val_pairs=600, num_wild=8, force=False, workers=None):
-    """Generate the stand-in under `root` (once); return its dataset folder.
-
-    A marker file written last records the parameters; when it matches, the
-    files are reused. Anything else (no marker, other parameters, `force`)
-    rebuilds everything in a temporary folder that is moved into place.
-    `workers` (default: up to 2 processes for big runs) does not change
-    the output.
+    Only a bounded regular file is read, so a FIFO named like a marker does
+    not block.
     """
-    _check_args(num_classes, images_per_class, num_val_pairs, num_wild, seed)
-    params = {'format_version': FORMAT_VERSION, 'seed': int(seed),
-              'num_classes': int(num_classes),
-              'images_per_class': int(images_per_class),
-              'num_val_pairs': int(num_val_pairs), 'num_wild': int(num_wild)}
-    root = os.path.abspath(root)
-    dataset = os.path.join(root, DATASET_DIR)
-    if not force and _is_complete(root, params):
-        return dataset
-    if getattr(multiprocessing.current_process(), '_inheriting', False):
-        # We are a worker process importing a script that calls generate()
-        # at the top level; waiting for the lock its parent holds would hang.
-        raise RuntimeError('stand-in: generate() was called while a worker '
-                           'process imported the main script; call it under '
-                           "`if __name__ == '__main__':`")
-    os.makedirs(root, exist_ok=True)
-    with _exclusive(os.path.join(root, '.standin.lock')):
-        # Another process may have built the same thing while we waited.
-        if not force and _is_complete(root, params):
-            return dataset
-        _rebuild(root, params, workers)
-    return dataset
+    try:
+        data = formats.read_regular_file(path, _MAX_MARKER_BYTES)
+        marker = json.loads(data.decode('utf-8'))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return marker if isinstance(marker, dict) else None
 
 
-def _is_complete(root, params):
-    marker = _read_marker(os.path.join(root, MARKER))
-    return bool(marker and marker.get('params') == params
-                and os.path.isdir(os.path.join(root, DATASET_DIR))
-                and os.path.isdir(os.path.join(root, WILD_DIR)))
+def _own_marker(folder, kind):
+    """The stand-in's marker of `folder` if it has a valid one, else None."""
+    marker = _read_marker(os.path.join(folder, FOLDER_MARKER))
+    if (marker is not None and marker.get('made_by') == MADE_BY
+            and marker.get('kind') == kind
+            and isinstance(marker.get('params'), dict)):
+        return marker
+    return None
+
+
+def _same_json(a, b):
+    # Compare as JSON text: `true == 1` and `1.0 == 1` in Python, not here.
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _is_complete(root, kind, params):
+    folder = os.path.join(root, _FOLDERS[kind])
+    marker = _own_marker(folder, kind)
+    return marker is not None and _same_json(marker['params'], params)
+
+
+def _legacy_owned(root):
+    """Whether a format-1 root marker vouches for the folders in `root`."""
+    marker = _read_marker(os.path.join(root, LEGACY_MARKER))
+    params = marker.get('params') if marker is not None else None
+    return (isinstance(params, dict)
+            and _same_json(params.get('format_version'), 1)
+            and isinstance(marker.get('train_identities'), list))
+
+
+def _claim(root, kind):
+    """How the folder of `kind` in `root` may go: 'absent', 'own' or 'empty'.
+
+    Raises ForeignFolderError when it holds anything the stand-in did not
+    make.
+    """
+    path = os.path.join(root, _FOLDERS[kind])
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return 'absent'
+    if not stat.S_ISDIR(info.st_mode):
+        raise ForeignFolderError(path, 'is a file or a link, not a folder '
+                                       'the stand-in made')
+    if _own_marker(path, kind) is not None or _legacy_owned(root):
+        return 'own'
+    if not os.listdir(path):
+        return 'empty'
+    raise ForeignFolderError(path, f'holds files and no valid '
+                                   f'{FOLDER_MARKER} of the stand-in')
+
+
+def _drop_legacy_marker(root):
+    """Remove the format-1 marker once no folder in `root` relies on it."""
+    for kind, name in _FOLDERS.items():
+        path = os.path.join(root, name)
+        if os.path.lexists(path) and _own_marker(path, kind) is None:
+            return
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(root, LEGACY_MARKER))
+
+
+# --- Temporary folders ----------------------------------------------------
+#
+# A build happens in ROOT/.standin-tmp-HOST-PID-RANDOM. If the process is
+# killed, the folder stays; a later run removes it once it can prove that
+# PID on this HOST is dead. Folders are matched by name, never by a glob
+# pattern built from the root's path (which may contain [, ], ? or *).
+
+_TMP_PREFIX = '.standin-tmp-'
+_TMP_NAME = re.compile(r'\.standin-tmp-([A-Za-z0-9]{1,64})-([0-9]{1,10})-'
+                       r'[0-9a-f]{16}\Z')
+
+
+def _host_tag():
+    return re.sub('[^A-Za-z0-9]', '', socket.gethostname())[:64] or 'host'
+
+
+def _make_tmp(root):
+    """Create an empty build folder in `root` with the user's umask."""
+    while True:
+        path = os.path.join(root, f'{_TMP_PREFIX}{_host_tag()}-{os.getpid()}-'
+                                  f'{secrets.token_hex(8)}')
+        try:
+            os.mkdir(path)  # mode 0o777 less the umask (mkdtemp gives 0o700)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _pid_is_dead(pid):
+    """True only when no process `pid` exists on this machine."""
+    if os.name != 'posix' or pid <= 0 or pid == os.getpid():
+        return False  # on Windows os.kill(pid, 0) would kill the process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, but belongs to another user
+        return False
+    return False
+
+
+def _remove_stale_tmp(root):
+    """Remove the build folders in `root` that dead processes left behind."""
+    with os.scandir(root) as entries:
+        stale = [e.path for e in entries
+                 if (m := _TMP_NAME.match(e.name))
+                 and m.group(1) == _host_tag()
+                 and e.is_dir(follow_symlinks=False)
+                 and _pid_is_dead(int(m.group(2)))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -696,45 +869,121 @@ def _exclusive(path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _rebuild(root, params, workers):
-    """Build in a temporary folder, move it into place, then write the marker.
+# --- Building --------------------------------------------------------------
 
-    The marker goes first and comes back last, so an interrupted run is never
-    taken for a complete one.
+def generate(root, seed=0, num_classes=300, images_per_class=50,
+             num_val_pairs=600, num_wild=8, force=False, workers=None):
+    """Generate the stand-in under `root` (once); return its dataset folder.
+
+    Also generates the wild scenes (see `generate_wild`). A folder is reused
+    when its marker matches the parameters; otherwise (or with `force`) it
+    is built in a temporary folder and moved into place. Folders the
+    stand-in did not make raise ForeignFolderError. `workers` (default: up
+    to 2 processes for big runs) does not change the output.
     """
-    start = time.time()
-    marker = os.path.join(root, MARKER)
-    if os.path.exists(marker):
-        os.remove(marker)
-    for stale in glob.glob(os.path.join(root, '.standin-tmp-*')):
-        shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
-    tmp = tempfile.mkdtemp(prefix='.standin-tmp-', dir=root)
-    try:
-        _build(tmp, params, workers)
-        for name in (DATASET_DIR, WILD_DIR):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            os.replace(os.path.join(tmp, name), os.path.join(root, name))
+    _check_args(seed, num_classes=num_classes,
+                images_per_class=images_per_class,
+                num_val_pairs=num_val_pairs, num_wild=num_wild)
+    params = {'format_version': FORMAT_VERSION, 'seed': int(seed),
+              'num_classes': int(num_classes),
+              'images_per_class': int(images_per_class),
+              'num_val_pairs': int(num_val_pairs)}
+    root = os.path.abspath(root)
+    # Refuse a foreign folder before any work (a minute for the dataset).
+    for kind, wanted in (('dataset', params),
+                         ('wild', _wild_params(seed, num_wild))):
+        if force or not _is_complete(root, kind, wanted):
+            _claim(root, kind)
+    _generate(root, 'dataset', params, force,
+              functools.partial(_build_dataset, params=params,
+                                workers=workers))
+    generate_wild(root, seed=seed, num_wild=num_wild, force=force)
+    return os.path.join(root, DATASET_DIR)
+
+
+def generate_wild(root, seed=0, num_wild=8, force=False):
+    """Generate only the wild scenes under `root` (once); return their folder.
+
+    Takes a second or two and touches nothing in `root` but `wild`, its
+    lock and stale temporary folders.
+    """
+    _check_args(seed, num_wild=num_wild)
+    params = _wild_params(seed, num_wild)
+    root = os.path.abspath(root)
+    _generate(root, 'wild', params, force,
+              functools.partial(_build_wild, params=params))
+    return os.path.join(root, WILD_DIR)
+
+
+def _wild_params(seed, num_wild):
+    return {'format_version': FORMAT_VERSION, 'seed': int(seed),
+            'num_wild': int(num_wild)}
+
+
+def _generate(root, kind, params, force, build):
+    """Build the folder of `kind` with `build(folder)` unless it is current."""
+    if os.path.isdir(root):  # what killed runs left, even when all is built
+        _remove_stale_tmp(root)
+    if not force and _is_complete(root, kind, params):
+        return
+    if getattr(multiprocessing.current_process(), '_inheriting', False):
+        # We are a worker process importing a script that calls generate()
+        # at the top level; waiting for the lock its parent holds would hang.
+        raise RuntimeError('stand-in: generate() was called while a worker '
+                           'process imported the main script; call it under '
+                           "`if __name__ == '__main__':`")
+    os.makedirs(root, exist_ok=True)
+    with _exclusive(os.path.join(root, _LOCKS[kind])):
+        # Another process may have built the same thing while we waited.
+        if not force and _is_complete(root, kind, params):
+            return
+        _claim(root, kind)  # refuse a foreign folder before the work
+        _rebuild(root, kind, params, build)
+
+
+def _rebuild(root, kind, params, build):
+    """Build in a temporary folder with its marker, then move it into place."""
+    start, name = time.time(), _FOLDERS[kind]
+    tmp = _make_tmp(root)
+    try:  # whatever fails (a full disk, say), the temporary folder goes
+        out = os.path.join(tmp, name)
+        os.mkdir(out)
+        info = build(out)
+        marker = {'made_by': MADE_BY, 'kind': kind, 'params': params, **info}
+        with open(os.path.join(out, FOLDER_MARKER), 'w') as f:
+            json.dump(marker, f)
+        _move_into_place(tmp, root, kind)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    info = {'params': params,
-            'train_identities': list(range(params['num_classes'])),
-            'val_identities': validation_identities(params['num_val_pairs']),
-            'wild_identities': [WILD_ID_OFFSET + i
-                                for i in range(params['num_wild'])]}
-    with open(marker + '.tmp', 'w') as f:
-        json.dump(info, f)
-    os.replace(marker + '.tmp', marker)
-    print(f'stand-in: wrote {root} ({DATASET_DIR}, {WILD_DIR}) in '
+    _drop_legacy_marker(root)
+    print(f'stand-in: wrote {os.path.join(root, name)} in '
           f'{time.time() - start:.1f} s', file=sys.stderr)
 
 
-def _build(tmp, params, workers):
-    """Write all files of the stand-in below the folder `tmp`."""
+def _move_into_place(tmp, root, kind):
+    """Swap the new folder in; the old one (the stand-in's) goes to `tmp`."""
+    name = _FOLDERS[kind]
+    target, old = os.path.join(root, name), os.path.join(tmp, 'old')
+    how = _claim(root, kind)  # again: the root may have changed meanwhile
+    if how == 'own':
+        os.replace(target, old)
+    elif how == 'empty':
+        os.rmdir(target)  # fails, harmlessly, if files arrived meanwhile
+    try:
+        # Fails rather than overwrites if something took the name meanwhile.
+        os.replace(os.path.join(tmp, name), target)
+    except OSError:
+        if how == 'own':
+            with contextlib.suppress(OSError):
+                os.replace(old, target)
+        raise
+
+
+def _build_dataset(out, params, workers):
+    """Write the training folders and the verification pairs into `out`."""
     seed, n = params['seed'], params['num_classes']
-    out = os.path.join(tmp, DATASET_DIR)
-    os.makedirs(out)
-    with open(os.path.join(out, 'property'), 'w') as f:
-        f.write(f'{n},{SIZE},{SIZE}\n')
+    with open(os.path.join(out, formats.PROPERTY_FILE), 'w') as f:
+        f.write(formats.format_property(n, SIZE, SIZE) + '\n')
     plan = _pair_plan(seed, params['num_val_pairs'])
     keys = _pair_images(plan)
     if workers is None:  # starting processes costs about a second
@@ -751,11 +1000,23 @@ def _build(tmp, params, workers):
         if done == n or done - shown >= n / 10:
             print(f'stand-in: {done}/{n} identities', file=sys.stderr)
             shown = done
-    bins, issame = _assemble_pairs(plan, jpeg)
-    with open(os.path.join(out, 'lfw_small.bin'), 'wb') as f:
-        pickle.dump((bins, issame), f, protocol=4)
-    print(f'stand-in: {len(issame)} verification pairs', file=sys.stderr)
-    make_wild(seed, params['num_wild'], os.path.join(tmp, WILD_DIR))
+    path = os.path.join(out, 'lfw_small.bin')
+    datahub.save_bin_pairs(path, *_assemble_pairs(plan, jpeg))
+    # save_bin_pairs writes through a private temporary file (mode 0o600);
+    # give the set the mode every other file got from the umask.
+    mode = os.stat(os.path.join(out, formats.PROPERTY_FILE)).st_mode
+    os.chmod(path, stat.S_IMODE(mode))
+    print(f'stand-in: {len(plan)} verification pairs', file=sys.stderr)
+    val = validation_identities(params['num_val_pairs'])
+    # Ranges, not lists: the marker stays small for any number of classes.
+    return {'train_identity_range': [0, n],
+            'val_identity_range': [val[0], val[-1] + 1]}
+
+
+def _build_wild(out, params):
+    make_wild(params['seed'], params['num_wild'], out)
+    return {'wild_identity_range': [WILD_ID_OFFSET,
+                                    WILD_ID_OFFSET + params['num_wild']]}
 
 
 def main(argv=None):
@@ -765,8 +1026,14 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--force', action='store_true',
                         help='regenerate even if a complete copy is there')
+    parser.add_argument('--wild-only', action='store_true',
+                        help='generate only the wild scenes (seconds)')
     args = parser.parse_args(argv)
-    print(generate(args.root, seed=args.seed, force=args.force))
+    make = generate_wild if args.wild_only else generate
+    try:
+        print(make(args.root, seed=args.seed, force=args.force))
+    except (ForeignFolderError, ValueError) as e:
+        sys.exit(f'stand-in: error: {e}')
 
 
 if __name__ == '__main__':

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from d2l_face import standin
+from d2l_face import datahub, formats, standin
 
 SMALL = dict(num_classes=3, images_per_class=4, num_val_pairs=6, num_wild=2)
 MEDIUM = dict(num_classes=6, images_per_class=5, num_val_pairs=20, num_wild=3)
@@ -26,12 +26,12 @@ def decode(data):
 
 
 def all_files(root):
-    """{relative path: bytes} of every file under root except the lock."""
+    """{relative path: bytes} of every file under root except the locks."""
     out = {}
     for folder, _, names in os.walk(root):
         for name in names:
             path = os.path.join(folder, name)
-            if name != '.standin.lock':
+            if not name.endswith('.lock'):
                 with open(path, 'rb') as f:
                     out[os.path.relpath(path, root)] = f.read()
     return out
@@ -50,10 +50,10 @@ def test_format(medium):
     root, data_dir = medium
     assert data_dir == os.path.join(root, 'faces-casia-ultrasmall')
     with open(os.path.join(data_dir, 'property')) as f:
-        assert f.read().strip() == '6,112,112'
+        assert formats.parse_property(f.read()) == ((112, 112), 6)
     folders = sorted(d for d in os.listdir(data_dir)
                      if os.path.isdir(os.path.join(data_dir, d)))
-    assert folders == [f'{i:08d}' for i in range(6)]
+    assert folders == [formats.identity_folder(i) for i in range(6)]
     for folder in folders:
         names = sorted(os.listdir(os.path.join(data_dir, folder)))
         assert names == [f'{k:08d}.jpg' for k in range(5)]
@@ -66,8 +66,10 @@ def test_format(medium):
 
 def test_verification_bin(medium):
     _, data_dir = medium
-    with open(os.path.join(data_dir, 'lfw_small.bin'), 'rb') as f:
+    path = os.path.join(data_dir, 'lfw_small.bin')
+    with open(path, 'rb') as f:
         bins, issame = pickle.load(f)
+    assert datahub.load_bin_pairs(path) == (bins, issame)  # the safe loader
     assert isinstance(bins, list) and isinstance(issame, list)
     assert len(bins) == 2 * len(issame) == 2 * MEDIUM['num_val_pairs']
     assert all(isinstance(b, bytes) for b in bins)
@@ -77,10 +79,12 @@ def test_verification_bin(medium):
 
 
 def test_validation_identities_are_not_training_identities(medium):
-    root, _ = medium
-    with open(os.path.join(root, '.standin-complete.json')) as f:
+    _, data_dir = medium
+    with open(os.path.join(data_dir, standin.FOLDER_MARKER)) as f:
         info = json.load(f)
-    train, val = set(info['train_identities']), set(info['val_identities'])
+    train = set(range(*info['train_identity_range']))
+    val = set(range(*info['val_identity_range']))
+    assert val == set(standin.validation_identities(MEDIUM['num_val_pairs']))
     assert train == set(range(MEDIUM['num_classes']))
     assert val and not val & train
     plan = standin._pair_plan(0, 600)
@@ -106,13 +110,13 @@ def test_cached_then_regenerated(tmp_path):
     root = str(tmp_path)
     data_dir = standin.generate(root, **SMALL)
     image = os.path.join(data_dir, '00000000', '00000000.jpg')
-    marker = os.path.join(root, '.standin-complete.json')
+    marker = os.path.join(data_dir, standin.FOLDER_MARKER)
     stamps = os.stat(image).st_mtime_ns, os.stat(marker).st_mtime_ns
     assert standin.generate(root, **SMALL) == data_dir
     assert (os.stat(image).st_mtime_ns, os.stat(marker).st_mtime_ns) == stamps
     standin.generate(root, **dict(SMALL, num_classes=4))
     with open(os.path.join(data_dir, 'property')) as f:
-        assert f.read().strip() == '4,112,112'
+        assert formats.parse_property(f.read()) == ((112, 112), 4)
     assert os.path.isdir(os.path.join(data_dir, '00000003'))
     inode = os.stat(image).st_ino
     standin.generate(root, **dict(SMALL, num_classes=4), force=True)
@@ -124,19 +128,26 @@ def test_interrupted_run_is_not_taken_for_complete(tmp_path, monkeypatch):
     root = str(tmp_path)
     standin.generate(root, **SMALL)
 
-    def crash(tmp, params, workers):
-        os.makedirs(os.path.join(tmp, 'faces-casia-ultrasmall'))
+    def crash(out, params, workers):
+        os.makedirs(os.path.join(out, '00000000'))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(standin, '_build', crash)
+    monkeypatch.setattr(standin, '_build_dataset', crash)
     with pytest.raises(KeyboardInterrupt):
         standin.generate(root, **dict(SMALL, num_classes=2))
-    assert not os.path.exists(os.path.join(root, '.standin-complete.json'))
     assert not [d for d in os.listdir(root) if d.startswith('.standin-tmp')]
+    # The previous complete copy is still there and still counts as one.
+    assert standin._is_complete(root, 'dataset', dict(
+        format_version=standin.FORMAT_VERSION, seed=0, num_classes=3,
+        images_per_class=4, num_val_pairs=6))
+    assert not standin._is_complete(root, 'dataset', dict(
+        format_version=standin.FORMAT_VERSION, seed=0, num_classes=2,
+        images_per_class=4, num_val_pairs=6))
     monkeypatch.undo()
-    data_dir = standin.generate(root, **SMALL)  # rebuilt, not trusted
-    assert os.path.exists(os.path.join(root, '.standin-complete.json'))
-    assert len(os.listdir(os.path.join(data_dir, '00000002'))) == 4
+    data_dir = standin.generate(root, **dict(SMALL, num_classes=2))
+    with open(os.path.join(data_dir, 'property')) as f:
+        assert formats.parse_property(f.read()) == ((112, 112), 2)
+    assert not os.path.exists(os.path.join(data_dir, '00000002'))
 
 
 def umeyama(src, dst):
@@ -163,8 +174,9 @@ def test_wild_landmarks(medium):
         assert (points >= 0).all() and (points[:, 0] < w).all() \
             and (points[:, 1] < h).all()
         assert points[0, 0] < points[1, 0] or abs(points[0, 1] - points[1, 1]) > 0
-        A, t = umeyama(points, standin.TEMPLATE)
-        error = np.linalg.norm(points @ A.T + t - standin.TEMPLATE, axis=1)
+        A, t = umeyama(points, formats.ARCFACE_TEMPLATE)
+        error = np.linalg.norm(points @ A.T + t - formats.ARCFACE_TEMPLATE,
+                               axis=1)
         assert error.mean() < 1.5, (name, error)
 
 
@@ -172,7 +184,8 @@ def test_unperturbed_face_sits_on_the_template():
     person = standin.draw_identity_params(np.random.default_rng(0),
                                           geometry_scale=0)
     look = standin.draw_look(np.random.default_rng(0), wild=True)
-    assert np.allclose(standin.face_landmarks(person, look), standin.TEMPLATE)
+    assert np.allclose(standin.face_landmarks(person, look),
+                       formats.ARCFACE_TEMPLATE)
 
 
 def test_raw_pixels_do_not_solve_verification():
@@ -187,7 +200,7 @@ def test_raw_pixels_do_not_solve_verification():
 
 
 def test_identity_survives_the_nuisances():
-    """Nearest class mean on colour-normalised thumbnails beats chance 5x."""
+    """Nearest class mean on color-normalized thumbnails beats chance 5x."""
     def feature(identity, k):
         img = decode(standin.image_bytes(0, identity, k))
         x = cv2.resize(img, (28, 28), interpolation=cv2.INTER_AREA)
@@ -197,9 +210,9 @@ def test_identity_survives_the_nuisances():
     n_id, n_train, n_test = 20, 8, 4
     f = np.array([[feature(i, k) for k in range(n_train + n_test)]
                   for i in range(n_id)])
-    centres = f[:, :n_train].mean(1)
+    centers = f[:, :n_train].mean(1)
     test = f[:, n_train:].reshape(n_id * n_test, -1)
-    dist = ((test[:, None] - centres[None]) ** 2).sum(-1)
+    dist = ((test[:, None] - centers[None]) ** 2).sum(-1)
     accuracy = (dist.argmin(1) == np.repeat(np.arange(n_id), n_test)).mean()
     print(f'nearest-class-mean accuracy over {n_id} identities: {accuracy:.3f}')
     assert accuracy >= 5 / n_id
@@ -219,10 +232,12 @@ def test_bad_arguments(tmp_path, kwargs, message):
     assert not os.listdir(tmp_path)
 
 
-def test_command_line(monkeypatch, capsys):
+@pytest.mark.parametrize('flag, function', [
+    ([], 'generate'), (['--wild-only'], 'generate_wild')])
+def test_command_line(monkeypatch, capsys, flag, function):
     calls = []
-    monkeypatch.setattr(standin, 'generate',
+    monkeypatch.setattr(standin, function,
                         lambda root, **kw: calls.append((root, kw)) or 'DIR')
-    standin.main(['--root', 'somewhere', '--seed', '3', '--force'])
+    standin.main(['--root', 'somewhere', '--seed', '3', '--force', *flag])
     assert calls == [('somewhere', {'seed': 3, 'force': True})]
     assert capsys.readouterr().out.strip() == 'DIR'

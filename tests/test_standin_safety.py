@@ -1,0 +1,368 @@
+"""The stand-in under accident and attack: it never destroys what it did not
+make, never takes a damaged marker for a complete build, never uses a path
+as a glob pattern, leaves no temporary folder or orphan process behind, and
+writes files with the user's umask."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from d2l_face import standin
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(num_classes=2, images_per_class=2, num_val_pairs=2, num_wild=1)
+DATASET_PARAMS = dict(format_version=standin.FORMAT_VERSION, seed=0,
+                      num_classes=2, images_per_class=2, num_val_pairs=2)
+
+
+def tree(path):
+    """{relative path: bytes or None for a folder} of everything under path."""
+    out = {}
+    for folder, dirs, names in os.walk(path):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(folder, name), path)] = None
+        for name in names:
+            full = os.path.join(folder, name)
+            with open(full, 'rb') as f:
+                out[os.path.relpath(full, path)] = f.read()
+    return out
+
+
+def temporary_folders(root):
+    return [n for n in os.listdir(root) if n.startswith('.standin-tmp-')]
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, '-c', 'pass'])
+    proc.wait()  # reaped, so no process has this pid any more
+    return proc.pid
+
+
+def tmp_name(pid, host=None):
+    return f'.standin-tmp-{host or standin._host_tag()}-{pid}-{"ab" * 8}'
+
+
+# --- generate_wild ---------------------------------------------------------
+
+def test_wild_alone_makes_only_the_wild_folder(tmp_path):
+    root = tmp_path / 'wild_only'
+    start = time.time()
+    wild = standin.generate_wild(str(root), seed=0, num_wild=2)
+    assert time.time() - start < 30  # seconds, not the minute of the dataset
+    assert wild == str(root / 'wild')
+    assert not (root / 'faces-casia-ultrasmall').exists()
+    full = tmp_path / 'full'
+    standin.generate(str(full), **dict(SMALL, num_wild=2))
+    assert tree(root / 'wild') == tree(full / 'wild')  # the same scenes
+    # Cached: a second call rewrites nothing.
+    stamp = os.stat(root / 'wild' / standin.FOLDER_MARKER).st_mtime_ns
+    standin.generate_wild(str(root), seed=0, num_wild=2)
+    assert os.stat(root / 'wild' / standin.FOLDER_MARKER).st_mtime_ns == stamp
+    standin.generate_wild(str(root), seed=0, num_wild=3)
+    assert len(json.loads((root / 'wild' / 'landmarks.json').read_text())) == 3
+
+
+def test_wild_alone_leaves_a_real_dataset_alone(tmp_path):
+    real = tmp_path / 'faces-casia-ultrasmall'
+    (real / '00000000').mkdir(parents=True)
+    (real / 'property').write_text('10572,112,112\n')
+    (real / '00000000' / '1.jpg').write_bytes(b'a real photo')
+    before = tree(real)
+    standin.generate_wild(str(tmp_path), num_wild=1)
+    assert tree(real) == before
+    with pytest.raises(standin.ForeignFolderError, match=str(real)):
+        standin.generate(str(tmp_path), **SMALL)
+    assert tree(real) == before
+
+
+# --- Never destroy what the stand-in did not make --------------------------
+
+def make_foreign(path, how, kind):
+    """Put something the stand-in did not make at `path`."""
+    if how == 'file':
+        path.write_bytes(b'my notes')
+    elif how == 'link':
+        target = path.parent / 'elsewhere'
+        target.mkdir()
+        (target / 'keep.txt').write_text('mine')
+        path.symlink_to(target)
+    else:
+        path.mkdir()
+        (path / 'keep.txt').write_text('mine')
+        if how == 'other kind':  # the stand-in's marker, of the other folder
+            how = json.dumps({'made_by': standin.MADE_BY, 'params': {},
+                              'kind': 'wild' if kind == 'dataset'
+                              else 'dataset'})
+        if isinstance(how, bytes):
+            (path / standin.FOLDER_MARKER).write_bytes(how)
+        elif how != 'plain folder':
+            (path / standin.FOLDER_MARKER).write_text(how)
+
+
+BAD_MARKERS = [
+    '[1, 2]', '"made"', '42', 'null', '{}', '{"made_by": "someone else"}',
+    json.dumps({'made_by': standin.MADE_BY, 'kind': 'dataset',
+                'params': [1]}),
+    json.dumps({'made_by': standin.MADE_BY, 'kind': 'wild',
+                'params': 'all'}),
+    json.dumps({'made_by': standin.MADE_BY, 'params': {}}),  # no kind
+    'other kind', '{"made_by": ', '[' * 100000, b'\xff\xfe{"made_by"',
+]
+
+
+@pytest.mark.parametrize('name, kind', [
+    ('faces-casia-ultrasmall', 'dataset'), ('wild', 'wild')])
+@pytest.mark.parametrize('how', ['plain folder', 'file', 'link', *BAD_MARKERS],
+                         ids=lambda how: repr(how)[:24])
+def test_foreign_folders_are_refused_and_kept(tmp_path, name, kind, how):
+    make_foreign(tmp_path / name, how, kind)
+    before = tree(tmp_path)
+    with pytest.raises(standin.ForeignFolderError) as info:
+        standin.generate(str(tmp_path), **SMALL)
+    assert info.value.path == str(tmp_path / name)
+    assert str(tmp_path / name) in str(info.value)
+    # Refused before any work: nothing changed, nothing added.
+    assert tree(tmp_path) == before
+    assert os.path.islink(tmp_path / name) == (how == 'link')
+
+
+def test_command_line_refuses_with_a_message(tmp_path):
+    (tmp_path / 'wild').mkdir()
+    (tmp_path / 'wild' / 'holiday.jpg').write_bytes(b'not the stand-in')
+    result = subprocess.run(
+        [sys.executable, '-m', 'd2l_face.standin', '--root', str(tmp_path),
+         '--wild-only'], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode != 0
+    assert str(tmp_path / 'wild') in result.stderr
+    assert 'Traceback' not in result.stderr
+    assert (tmp_path / 'wild' / 'holiday.jpg').read_bytes() == \
+        b'not the stand-in'
+
+
+def test_own_and_empty_folders_are_replaced(tmp_path):
+    (tmp_path / 'wild').mkdir()  # empty: nothing to lose
+    data_dir = standin.generate(str(tmp_path), **SMALL)
+    (tmp_path / 'faces-casia-ultrasmall' / 'stray.txt').write_text('x')
+    standin.generate(str(tmp_path), **dict(SMALL, num_classes=3))
+    assert os.path.isdir(os.path.join(data_dir, '00000002'))
+    assert not os.path.exists(os.path.join(data_dir, 'stray.txt'))
+
+
+def make_format_1(root):
+    """A root as format 1 left it: one marker in the root, none inside."""
+    standin.generate(str(root), **SMALL)
+    for name in ('faces-casia-ultrasmall', 'wild'):
+        os.remove(root / name / standin.FOLDER_MARKER)
+    (root / standin.LEGACY_MARKER).write_text(json.dumps(
+        {'params': dict(DATASET_PARAMS, format_version=1, num_wild=1),
+         'train_identities': [0, 1]}))
+
+
+def test_format_1_folders_are_the_stand_ins(tmp_path):
+    make_format_1(tmp_path)
+    standin.generate_wild(str(tmp_path), num_wild=1)
+    # The dataset folder still relies on the old marker: it stays.
+    assert (tmp_path / standin.LEGACY_MARKER).exists()
+    standin.generate(str(tmp_path), **SMALL)
+    assert not (tmp_path / standin.LEGACY_MARKER).exists()
+    assert standin._is_complete(str(tmp_path), 'dataset', DATASET_PARAMS)
+
+
+@pytest.mark.parametrize('legacy', ['[]', '{"params": {"format_version": 1}}',
+                                    '{"params": {"format_version": true}, '
+                                    '"train_identities": []}'])
+def test_a_damaged_format_1_marker_vouches_for_nothing(tmp_path, legacy):
+    make_format_1(tmp_path)
+    (tmp_path / standin.LEGACY_MARKER).write_text(legacy)
+    with pytest.raises(standin.ForeignFolderError):
+        standin.generate(str(tmp_path), **SMALL)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=20), inner, max_size=6),
+    max_leaves=20)
+marker_like = st.fixed_dictionaries(
+    {}, optional={'made_by': st.just(standin.MADE_BY) | st.text(),
+                  'kind': st.sampled_from(['dataset', 'wild']) | json_values,
+                  'params': st.fixed_dictionaries(
+                      {k: st.just(v) | json_values
+                       for k, v in DATASET_PARAMS.items()}) | json_values})
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(marker=json_values | marker_like)
+def test_no_marker_shape_crashes_or_passes_for_another(tmp_path, marker):
+    folder = tmp_path / 'faces-casia-ultrasmall'
+    folder.mkdir(exist_ok=True)
+    (folder / standin.FOLDER_MARKER).write_text(json.dumps(marker))
+    complete = standin._is_complete(str(tmp_path), 'dataset', DATASET_PARAMS)
+    # Complete only for exactly the right marker, same JSON types included.
+    assert complete == (
+        isinstance(marker, dict) and marker.get('made_by') == standin.MADE_BY
+        and marker.get('kind') == 'dataset'
+        and json.dumps(marker.get('params'), sort_keys=True)
+        == json.dumps(DATASET_PARAMS, sort_keys=True))
+
+
+def test_a_fifo_or_folder_as_marker_does_not_block(tmp_path):
+    folder = tmp_path / 'wild'
+    folder.mkdir()
+    os.mkfifo(folder / standin.FOLDER_MARKER)
+    (folder / 'x.jpg').write_bytes(b'x')
+    with pytest.raises(standin.ForeignFolderError):
+        standin.generate_wild(str(tmp_path), num_wild=1)
+    os.remove(folder / standin.FOLDER_MARKER)
+    os.mkdir(folder / standin.FOLDER_MARKER)
+    with pytest.raises(standin.ForeignFolderError):
+        standin.generate_wild(str(tmp_path), num_wild=1)
+
+
+# --- Paths are never patterns; stale temporary folders ---------------------
+
+def test_glob_characters_in_the_root(tmp_path):
+    root, sibling = tmp_path / 'std[1]', tmp_path / 'std1'
+    dead = dead_pid()
+    for folder in (root, sibling):
+        (folder / tmp_name(dead)).mkdir(parents=True)
+        (folder / tmp_name(dead) / 'half.jpg').write_bytes(b'x')
+    live = [tmp_name(1), tmp_name(dead, host='otherhost'),
+            '.standin-tmp-by-hand']
+    for name in live:
+        (root / name).mkdir()
+    sibling_before = tree(sibling)
+    data_dir = standin.generate(str(root), **SMALL)
+    assert tree(sibling) == sibling_before  # the sibling is untouched
+    # Only the dead process's folder in the root itself went.
+    assert sorted(temporary_folders(root)) == sorted(live)
+    assert sorted(os.listdir(os.path.join(data_dir, '00000001'))) == \
+        ['00000000.jpg', '00000001.jpg']
+
+
+def test_stale_folders_go_even_when_all_is_built(tmp_path):
+    standin.generate(str(tmp_path), **SMALL)
+    stale = tmp_path / tmp_name(dead_pid())
+    (stale / 'faces-casia-ultrasmall').mkdir(parents=True)
+    standin.generate(str(tmp_path), **SMALL)  # cached, and it tidies up
+    assert not stale.exists()
+
+
+def test_a_full_disk_still_cleans_up(tmp_path, monkeypatch):
+    data_dir = standin.generate(str(tmp_path), **SMALL)
+    before = tree(tmp_path / 'faces-casia-ultrasmall')
+    calls = []
+
+    def full_disk(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(*args)
+
+    real = standin.image_bytes
+    monkeypatch.setattr(standin, 'image_bytes', full_disk)
+    with pytest.raises(OSError, match='No space'):
+        standin.generate(str(tmp_path), **dict(SMALL, num_classes=3),
+                         workers=1)
+    assert not temporary_folders(tmp_path)
+    assert tree(data_dir) == before  # the previous build is intact
+
+
+def test_a_full_disk_in_a_worker_still_cleans_up(tmp_path):
+    # Files beyond 500 bytes fail with EFBIG (Python ignores SIGXFSZ), in
+    # the worker processes too, which inherit the limit.
+    script = textwrap.dedent(f'''
+        import errno, resource, sys
+        from d2l_face import standin
+        if __name__ == '__main__':
+            resource.setrlimit(resource.RLIMIT_FSIZE, (500, 500))
+            try:
+                standin.generate({str(tmp_path)!r}, num_classes=4,
+                                 images_per_class=2, num_val_pairs=2,
+                                 num_wild=0, workers=2)
+            except OSError as e:
+                sys.exit(0 if e.errno == errno.EFBIG else 3)
+            sys.exit(4)
+        ''')
+    result = subprocess.run([sys.executable, '-c', script], timeout=240,
+                            capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode == 0, result.stderr
+    assert not temporary_folders(tmp_path)
+    assert not (tmp_path / 'faces-casia-ultrasmall').exists()
+
+
+def test_files_get_the_users_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        standin.generate(str(tmp_path / 'root'), **SMALL)
+    finally:
+        os.umask(old)
+    for folder, dirs, names in os.walk(tmp_path / 'root'):
+        for name in dirs:
+            mode = os.stat(os.path.join(folder, name)).st_mode & 0o777
+            assert mode == 0o750, (name, oct(mode))
+        for name in names:
+            mode = os.stat(os.path.join(folder, name)).st_mode & 0o777
+            assert mode == 0o640, (name, oct(mode))
+
+
+# --- No orphan workers -----------------------------------------------------
+
+def workers_of(proc):
+    return [p for p in proc.children(recursive=True)
+            if 'spawn_main' in ' '.join(p.cmdline())]
+
+
+@pytest.mark.parametrize('sig, pdeathsig', [
+    (signal.SIGKILL, True), (signal.SIGTERM, True), (signal.SIGKILL, False)],
+    ids=['kill', 'term', 'kill-portable'])
+def test_workers_end_with_their_parent(tmp_path, sig, pdeathsig):
+    script = textwrap.dedent(f'''
+        from d2l_face import standin
+        if __name__ == '__main__':
+            standin._USE_PDEATHSIG = {pdeathsig}
+            standin.generate({str(tmp_path)!r}, num_classes=300,
+                             images_per_class=50, workers=2)
+        ''')
+    parent = subprocess.Popen([sys.executable, '-c', script],
+                              env=dict(os.environ, PYTHONPATH=REPO),
+                              stderr=subprocess.DEVNULL)
+    children = []
+    try:
+        proc = psutil.Process(parent.pid)
+        deadline = time.time() + 120
+        while len(workers_of(proc)) < 2 and time.time() < deadline:
+            assert parent.poll() is None, 'the generation ended early'
+            time.sleep(0.2)
+        children = proc.children(recursive=True)
+        assert len(workers_of(proc)) == 2
+        time.sleep(1)  # let them start rendering
+        parent.send_signal(sig)
+        parent.wait(timeout=30)
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f'orphans: {alive}'
+        # The next run removes the folder the killed parent left.
+        assert temporary_folders(tmp_path)
+        standin.generate_wild(str(tmp_path), num_wild=0)
+        assert not temporary_folders(tmp_path)
+        assert not (tmp_path / 'faces-casia-ultrasmall').exists()
+    finally:
+        for p in [parent, *children]:
+            try:
+                p.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        parent.wait(timeout=30)
+        psutil.wait_procs(children, timeout=10)
