@@ -12,11 +12,7 @@ import math
 import mmap
 import os
 import pickle
-import socket
 import struct
-import subprocess
-import sys
-import tempfile
 import time
 import warnings
 import weakref
@@ -977,6 +973,27 @@ def split_classes(num_classes, num_shards):
     stops = [(i + 1) * base + min(i + 1, extra) for i in range(num_shards)]
     return list(zip([0] + stops[:-1], stops))
 
+def sharded_softmax_loss(logits, labels, ranges, home):
+    """Defined in :numref:`sec_facerecognition_parallel`"""
+    """Softmax cross-entropy from per-shard logits, never gathered.
+
+    logits[i] holds the logits of classes ranges[i] for the whole batch on
+    its shard's device; the per-example loss is returned on `home`."""
+    # 1. k maxima per example come home; the largest is the shift M.
+    top = np.stack([z.max(axis=1).as_in_ctx(home) for z in logits])
+    top = top.max(axis=0).detach()
+    sum_exp, target = 0, 0
+    for z, (start, stop) in zip(logits, ranges):
+        # 2. Each shard sums exp(z - M) over its classes.
+        shift = top.as_in_ctx(z.ctx).reshape(-1, 1)
+        sum_exp = sum_exp + np.exp(z - shift).sum(axis=1).as_in_ctx(home)
+        # 3. The shard that owns the label sends the target logit.
+        local = labels.as_in_ctx(z.ctx) - start
+        owned = (local >= 0) * (local < stop - start)
+        picked = npx.pick(z, local, axis=1, mode='clip') * owned
+        target = target + picked.as_in_ctx(home)
+    return np.log(sum_exp) + top - target
+
 class ShardedMarginLoss(nn.Block):
     """Margin softmax loss with the class weight split over devices.
 
@@ -1003,88 +1020,35 @@ class ShardedMarginLoss(nn.Block):
                     self.shards, self.devices, self.ranges)]
 
     def forward(self, embeddings, labels):
-        home = embeddings.ctx
-        logits = self.shard_logits(embeddings, labels)
-        # 1. k maxima per example come home; the largest is the shift M.
-        top = np.stack([z.max(axis=1).as_in_ctx(home) for z in logits])
-        top = top.max(axis=0).detach()
-        sum_exp, target = 0, 0
-        for z, device, (start, stop) in zip(logits, self.devices,
-                                            self.ranges):
-            # 2. Each shard sums exp(z - M) over its classes.
-            shift = top.as_in_ctx(device).reshape(-1, 1)
-            sum_exp = sum_exp + np.exp(z - shift).sum(axis=1).as_in_ctx(home)
-            # 3. The shard that owns the label sends the target logit.
-            local = labels.as_in_ctx(device) - start
-            owned = (local >= 0) * (local < stop - start)
-            picked = npx.pick(z, local, axis=1, mode='clip') * owned
-            target = target + picked.as_in_ctx(home)
-        return np.log(sum_exp) + top - target
+        return sharded_softmax_loss(self.shard_logits(embeddings, labels),
+                                    labels, self.ranges, embeddings.ctx)
 
-def free_port():
-    """Return a TCP port on 127.0.0.1 that nobody listens on right now.
+def worker_dataset(data_dir, num_classes, batch_size, rank, num_workers):
+    """Defined in :numref:`sec_facerecognition_parallel`"""
+    """A worker's images: every `num_workers`-th image of the first
+    `num_classes` identities, starting at its `rank`; one batch at least."""
+    dataset = FaceDataset(data_dir)
+    items = [item for item in dataset.items if item[1] < num_classes]
+    dataset.items = items[rank::num_workers]
+    if len(dataset) < batch_size:
+        raise ValueError(
+            f'worker {rank} of {num_workers} has {len(dataset)} images of '
+            f'the first {num_classes} identities in {data_dir}, fewer than '
+            f'the batch size {batch_size}: not one batch to train on')
+    return dataset
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-def launch_local_cluster(worker_args, num_workers=2, num_servers=1,
-                         timeout=300, env=None):
-    """Run a dist kvstore job on 127.0.0.1; return each worker's output.
-
-    Defined in :numref:`sec_facerecognition_parallel`"""
-    if num_workers < 1 or num_servers < 1:
-        raise ValueError('need at least one worker and one server')
-    cluster = {**os.environ, 'DMLC_PS_ROOT_URI': '127.0.0.1',
-               'DMLC_PS_ROOT_PORT': str(free_port()),
-               'DMLC_NUM_SERVER': str(num_servers),
-               'DMLC_NUM_WORKER': str(num_workers),
-               'DMLC_NODE_HOST': '127.0.0.1', **(env or {})}
-    procs, roles, logs, finished = [], [], [], False
-
-    def start(role, args):
-        roles.append(role)
-        logs.append(tempfile.TemporaryFile())
-        procs.append(subprocess.Popen(
-            [sys.executable] + args, env=dict(cluster, DMLC_ROLE=role),
-            stdout=logs[-1], stderr=subprocess.STDOUT))
-
-    def output(i):
-        logs[i].seek(0)
-        return logs[i].read().decode(errors='replace')
-
-    try:
-        start('scheduler', ['-c', 'import mxnet'])
-        for _ in range(num_servers):
-            start('server', ['-c', 'import mxnet'])
-        for _ in range(num_workers):
-            start('worker', list(worker_args))
-        workers = [i for i, role in enumerate(roles) if role == 'worker']
-        deadline = time.time() + timeout
-        while not all(procs[i].poll() == 0 for i in workers):
-            failed = [i for i, p in enumerate(procs)
-                      if p.poll() not in (None, 0)]
-            if failed:
-                i = failed[0]
-                raise RuntimeError(f'{roles[i]} failed with exit code '
-                                   f'{procs[i].returncode}:\n'
-                                   f'{output(i)[-3000:]}')
-            if time.time() > deadline:
-                raise TimeoutError(f'workers still running after {timeout} s')
-            time.sleep(0.1)
-        finished = True
-        return [output(i) for i in workers]
-    finally:
-        grace = time.time() + (10 if finished else 0)
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, grace - time.time()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
+def init_face_worker(num_classes, width, devices, seed, rank):
+    """Defined in :numref:`sec_facerecognition_parallel`"""
+    """Initialize a small face net and margin layer alike on every worker,
+    then seed this worker's own order and flips of images."""
+    net = face_resnet(18, width=width, embedding_size=64)
+    head = MarginLogits(num_classes, 64, s=16.0, m3=0.1)
+    npx.random.seed(seed)  # the same initial weights on every worker
+    net.initialize(init.Xavier(), ctx=devices)
+    head.initialize(ctx=devices)
+    onp.random.seed(seed + rank)  # the order of the images
+    npx.random.seed(seed + rank)  # the random flips
+    return net, head
 
 def train_face_worker(data_dir, out_dir, kvstore='dist_sync', num_classes=20,
                       batch_size=16, num_steps=40, lr=0.05, width=0.0625,
@@ -1092,39 +1056,28 @@ def train_face_worker(data_dir, out_dir, kvstore='dist_sync', num_classes=20,
     """Train a small face net on this worker's part of the data.
 
     Defined in :numref:`sec_facerecognition_parallel`"""
+    if num_steps < 2:  # the throughput is measured after the first step
+        raise ValueError(f'num_steps must be at least 2, not {num_steps}')
     store = kv.create(kvstore)
     rank, num_workers = store.rank, store.num_workers
-    dataset = FaceDataset(data_dir)
-    items = [item for item in dataset.items if item[1] < num_classes]
-    dataset.items = items[rank::num_workers]
-    onp.random.seed(seed + rank)  # the order of the images
-    npx.random.seed(seed + rank)  # the random flips
+    dataset = worker_dataset(data_dir, num_classes, batch_size, rank,
+                             num_workers)
     loader = gluon.data.DataLoader(dataset, batch_size, shuffle=True,
                                    last_batch='discard')
     devices = all_devices()
-    net = face_resnet(18, width=width, embedding_size=64)
-    head = MarginLogits(num_classes, 64, s=16.0, m3=0.1)
-    npx.random.seed(seed)  # the same initial weights on every worker
-    net.initialize(init.Xavier(), ctx=devices)
-    head.initialize(ctx=devices)
-    params = net.collect_params()
-    params.update(head.collect_params())
-    trainer = gluon.Trainer(params, 'sgd', {'learning_rate': lr,
-                                            'momentum': 0.9, 'wd': 5e-4},
-                            kvstore=store)
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    losses, start = [], None
+    net, head = init_face_worker(num_classes, width, devices, seed, rank)
+    trainer = gluon.Trainer(
+        list(net.collect_params().values()) +
+        list(head.collect_params().values()), 'sgd',
+        {'learning_rate': lr, 'momentum': 0.9, 'wd': 5e-4,
+         'rescale_grad': 1 / num_workers}, kvstore=store)
+    loss, losses, start = gluon.loss.SoftmaxCrossEntropyLoss(), [], None
     while len(losses) < num_steps:
         for X, y in loader:
-            Xs = gluon.utils.split_and_load(X, devices)
-            ys = gluon.utils.split_and_load(y, devices)
-            with autograd.record():
-                ls = [loss_fn(head(net(X_), y_), y_) for X_, y_ in zip(Xs, ys)]
-            autograd.backward(ls)
-            trainer.step(batch_size * num_workers)
-            losses.append(sum(float(l.mean()) for l in ls) / len(ls))
-            if start is None:  # the first step also sets up the store
-                start = time.time()
+            loss_sum, _ = train_face_step(net, head, loss, trainer, X, y,
+                                          devices)
+            losses.append(loss_sum / X.shape[0])
+            start = start or time.time()
             if len(losses) == num_steps:
                 break
     speed = batch_size * (num_steps - 1) / (time.time() - start)

@@ -1,0 +1,180 @@
+"""Run a distributed key-value store job (scheduler, servers, workers) locally.
+
+MXNet's ``dist_sync`` store is a parameter server from the DMLC ps-lite
+library: every process learns its role and the scheduler's address from
+``DMLC_*`` environment variables. This module starts all the processes of
+such a job on 127.0.0.1 as children of the calling process, collects the
+workers' output, and makes sure that none of them outlives the job: not
+when a process fails, not at a timeout, not when the caller is interrupted,
+and not when the caller itself is terminated or killed.
+
+It imports no deep learning framework: the scheduler and the servers run
+``python -c "import mxnet"`` (importing MXNet with ``DMLC_ROLE`` set starts
+the role), and the workers run whatever arguments the caller gives.
+
+Nothing orphaned (POSIX only): each child starts a session of its own, so that
+``os.killpg`` ends it together with anything it started. A small watchdog
+process holds the read end of a pipe whose only write end the caller keeps.
+The caller tells the watchdog the process group of each child it starts;
+when the caller ends the job normally it says ``done``. If the caller dies
+in any way, SIGKILL included, the kernel closes the write end, the watchdog
+reads the end of the file without ``done`` and kills those groups. (A
+``preexec_fn`` that sets Linux's ``PR_SET_PDEATHSIG`` was not used: it is
+not safe in a process with threads, such as a Jupyter kernel, it fires when
+the *thread* that started the child ends, and it does not reach
+grandchildren. A process that the caller forks without exec, with
+``multiprocessing``'s fork method say, inherits the write end too, and
+delays the watchdog until it ends.)
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+LOOPBACK = '127.0.0.1'
+SERVER_ARGS = ('-c', 'import mxnet')  # the scheduler and the servers
+
+# Runs in its own process: argv[1] is the read end of the caller's pipe.
+WATCHDOG = r'''
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+fd, data = int(sys.argv[1]), b''
+while True:
+    chunk = os.read(fd, 4096)
+    if not chunk:
+        break
+    data += chunk
+lines = data.split()
+if b'done' not in lines:
+    for group in lines:
+        try:
+            os.killpg(int(group), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+'''
+
+
+def free_port(host=LOOPBACK):
+    """Return a TCP port on `host` that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))  # port 0: the operating system picks a free one
+        return s.getsockname()[1]
+
+
+def cluster_env(port, num_workers, num_servers, host=LOOPBACK):
+    """The DMLC_* variables of a job whose processes all listen on `host`."""
+    # DMLC_NODE_HOST matters as much as the root address: without it a
+    # server or worker listens on the machine's network interface.
+    return {'DMLC_PS_ROOT_URI': host, 'DMLC_PS_ROOT_PORT': str(port),
+            'DMLC_NUM_SERVER': str(num_servers),
+            'DMLC_NUM_WORKER': str(num_workers), 'DMLC_NODE_HOST': host}
+
+
+class _Job:
+    """The processes of one job, their output files, and the watchdog."""
+
+    def __init__(self, env, python):
+        self.env, self.python = env, python
+        self.procs, self.roles, self.logs = [], [], []
+        read_end, self.watch = os.pipe()  # neither end is inherited
+        try:
+            self.watchdog = subprocess.Popen(
+                [python, '-c', WATCHDOG, str(read_end)], pass_fds=[read_end],
+                start_new_session=True, stdin=subprocess.DEVNULL)
+        except BaseException:
+            os.close(self.watch)
+            raise
+        finally:
+            os.close(read_end)
+
+    def start(self, role, args):
+        # A file, not a pipe: a full pipe that nobody reads blocks the child.
+        self.logs.append(tempfile.TemporaryFile())
+        self.roles.append(role)
+        proc = subprocess.Popen(
+            [self.python] + list(args), env=dict(self.env, DMLC_ROLE=role),
+            stdin=subprocess.DEVNULL, stdout=self.logs[-1],
+            stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        os.write(self.watch, b'%d\n' % proc.pid)  # its process group id
+
+    def output(self, i):
+        self.logs[i].seek(0)
+        return self.logs[i].read().decode(errors='replace')
+
+    def wait_for_workers(self, timeout):
+        """Wait until every worker succeeded; raise when any process fails."""
+        workers = [i for i, role in enumerate(self.roles) if role == 'worker']
+        deadline = time.monotonic() + timeout
+        while not all(self.procs[i].poll() == 0 for i in workers):
+            # Any failure dooms the job: the others would wait for it forever.
+            for i, proc in enumerate(self.procs):
+                if proc.poll() not in (None, 0):
+                    raise RuntimeError(
+                        f'{self.roles[i]} failed with exit code '
+                        f'{proc.returncode}:\n{self.output(i)[-3000:]}')
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'workers still running after {timeout} s')
+            time.sleep(0.1)
+        return [self.output(i) for i in workers]
+
+    def end(self, grace):
+        """Give the processes `grace` seconds to stop, then kill them all."""
+        deadline = time.monotonic() + grace
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:  # the child's group: the child and what it started
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    proc.kill()
+            proc.wait()
+        try:  # nothing is left for the watchdog to do
+            os.write(self.watch, b'done\n')
+        except OSError:  # it is gone already
+            pass
+        os.close(self.watch)
+        self.watchdog.wait()
+        for log in self.logs:
+            log.close()
+
+
+def launch_local_cluster(worker_args, num_workers=2, num_servers=1,
+                         timeout=300, env=None, python=None,
+                         server_args=SERVER_ARGS):
+    """Run a dist kvstore job on 127.0.0.1; return each worker's output.
+
+    Every worker runs ``python *worker_args`` (``['-c', code]``, say) with
+    the DMLC_* variables of the job; `env` adds or overrides variables. A
+    process that fails raises `RuntimeError` with its output, and a job
+    that runs past `timeout` seconds raises `TimeoutError`; either way, and
+    on any interruption, every process of the job is ended.
+    """
+    if num_workers < 1 or num_servers < 1:
+        raise ValueError(f'need at least one worker and one server, not '
+                         f'{num_workers} workers and {num_servers} servers')
+    if not timeout > 0:
+        raise ValueError(f'timeout must be positive, not {timeout!r}')
+    python = python or sys.executable
+    job_env = {**os.environ, **cluster_env(free_port(), num_workers,
+                                           num_servers), **(env or {})}
+    job, finished = _Job(job_env, python), False
+    try:
+        job.start('scheduler', server_args)
+        for _ in range(num_servers):
+            job.start('server', server_args)
+        for _ in range(num_workers):
+            job.start('worker', worker_args)
+        outputs = job.wait_for_workers(timeout)
+        finished = True
+        return outputs
+    finally:
+        # After a success the scheduler and the servers stop on their own.
+        job.end(grace=10 if finished else 0)

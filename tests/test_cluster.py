@@ -1,0 +1,155 @@
+"""d2l_face.cluster: a local dist-kvstore job that never orphans a process.
+
+These tests need no framework: the scheduler and the servers are stood in
+for by small Python programs, so that the tests show the launcher's own
+behaviour (environment, output, failures, timeouts, clean-up) quickly.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import REPO
+from d2l_face import cluster
+
+SLEEP = ['-c', 'import time; time.sleep(600)']
+QUICK = ['-c', 'pass']  # a scheduler or server that is done at once
+
+
+def alive(procs):
+    """The processes of `procs` that still run (a zombie has ended)."""
+    running = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                running.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
+def end_all(procs):
+    """Kill whatever of `procs` still runs: a test leaves nothing behind."""
+    for p in alive(procs):
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+
+
+def wait_until_gone(procs, timeout):
+    deadline = time.monotonic() + timeout
+    while alive(procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive(procs)
+
+
+@pytest.fixture
+def descendants():
+    """Check that a test's launcher left none of its processes running."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    left = [p for p in psutil.Process().children(recursive=True)
+            if p.pid not in before]
+    still = alive(left)
+    end_all(left)
+    assert not still, f'processes left running: {still}'
+
+
+def test_cluster_env_puts_every_address_on_loopback():
+    env = cluster.cluster_env(9091, num_workers=3, num_servers=2)
+    assert env == {'DMLC_PS_ROOT_URI': '127.0.0.1',
+                   'DMLC_PS_ROOT_PORT': '9091', 'DMLC_NUM_SERVER': '2',
+                   'DMLC_NUM_WORKER': '3', 'DMLC_NODE_HOST': '127.0.0.1'}
+
+
+def test_free_port_can_be_bound_on_loopback():
+    port = cluster.free_port()
+    assert 1024 <= port < 65536
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', port))
+
+
+def test_workers_get_their_role_and_the_job_and_their_output_returns(
+        descendants):
+    code = ('import os; print(" ".join(os.environ[k] for k in ["DMLC_ROLE", '
+            '"DMLC_NUM_WORKER", "DMLC_NUM_SERVER", "DMLC_PS_ROOT_URI", '
+            '"DMLC_NODE_HOST", "EXTRA"]))')
+    outputs = cluster.launch_local_cluster(
+        ['-c', code], num_workers=3, num_servers=2, timeout=60,
+        env={'EXTRA': 'yes'}, server_args=QUICK)
+    assert [o.split() for o in outputs] == [
+        ['worker', '3', '2', '127.0.0.1', '127.0.0.1', 'yes']] * 3
+
+
+def test_a_failing_worker_raises_with_its_output_and_ends_the_rest(
+        descendants):
+    tic = time.monotonic()
+    with pytest.raises(RuntimeError, match=r'worker failed with exit code 3'
+                       r'(.|\n)*bad input'):
+        cluster.launch_local_cluster(
+            ['-c', 'import sys; print("bad input"); sys.exit(3)'],
+            timeout=60, server_args=SLEEP)
+    assert time.monotonic() - tic < 30  # failed at once, did not time out
+
+
+def test_a_failing_scheduler_is_reported(descendants):
+    with pytest.raises(RuntimeError, match='scheduler failed .* code 5'):
+        cluster.launch_local_cluster(SLEEP, timeout=60, server_args=[
+            '-c', 'import os, sys, time\n'
+            'if os.environ["DMLC_ROLE"] == "scheduler": sys.exit(5)\n'
+            'time.sleep(600)'])
+
+
+def test_a_timeout_raises_and_ends_everything(descendants):
+    tic = time.monotonic()
+    with pytest.raises(TimeoutError, match='after 1 s'):
+        cluster.launch_local_cluster(SLEEP, timeout=1, server_args=SLEEP)
+    assert time.monotonic() - tic < 30
+
+
+@pytest.mark.parametrize('num_workers,num_servers,timeout',
+                         [(0, 1, 10), (1, 0, 10), (1, 1, 0)])
+def test_bad_arguments_are_refused(num_workers, num_servers, timeout):
+    with pytest.raises(ValueError):
+        cluster.launch_local_cluster(QUICK, num_workers, num_servers,
+                                     timeout=timeout)
+
+
+# A worker that starts a process of its own: the clean-up must reach it too.
+WORKER_WITH_CHILD = ('import subprocess, sys, time; subprocess.Popen('
+                     '[sys.executable, "-c", "import time; time.sleep(600)"]);'
+                     ' time.sleep(600)')
+PARENT = ('import sys; from d2l_face import cluster; '
+          'cluster.launch_local_cluster(["-c", sys.argv[1]], num_workers=2, '
+          'timeout=600, server_args=["-c", "import time; time.sleep(600)"])')
+
+
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM,
+                                 signal.SIGINT], ids=lambda sig: sig.name)
+def test_the_job_ends_when_its_parent_is_killed(sig):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    parent = subprocess.Popen([sys.executable, '-c', PARENT,
+                               WORKER_WITH_CHILD], env=env)
+    procs = []
+    try:
+        # watchdog, scheduler, server, two workers and their two children
+        deadline = time.monotonic() + 60
+        while len(procs) < 7 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            procs = psutil.Process(parent.pid).children(recursive=True)
+        assert len(procs) == 7, procs
+        parent.send_signal(sig)
+        parent.wait(timeout=30)
+        left = wait_until_gone(procs, timeout=5)
+        assert not left, f'{sig.name}: still running {left}'
+    finally:
+        parent.kill()
+        parent.wait()
+        end_all(procs)
