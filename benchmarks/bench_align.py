@@ -23,12 +23,12 @@ import numpy as onp
 from skimage import data as skimage_data
 from skimage import transform as skimage_transform
 
+from d2l_face import formats
 from d2l_face import mxnet as d2lf
 
-# The source text's template, as a NumPy array (it wrote mxnet.np).
-SOURCE_TEMPLATE = onp.array([
-    [38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-    [41.5493, 92.3655], [70.7299, 92.2041]], dtype=onp.float32)
+# The source text wrote the ArcFace template out (as mxnet.np); its values
+# are those of formats.ARCFACE_TEMPLATE, the one definition we import.
+SOURCE_TEMPLATE = formats.ARCFACE_TEMPLATE
 
 
 def source_face_align(image, landmark):

@@ -3,8 +3,8 @@
 (a) the source text's loader: a per-file gluon Dataset reading each JPEG
     with npx.image.imread, RandomFlipLeftRight + ToTensor, and a DataLoader
     with d2l.get_dataloader_workers() worker processes (reimplemented here);
-(b) the project's loader, d2lf.load_data_face_rec (the packed RecordIO file
-    read by FaceRecordIter);
+(b) the project's loader, d2lf.load_data_facerec (the packed RecordIO file
+    read by FaceRecordIter through d2l_face.recordio.PackReader);
 (c) the limit: only cv2.imdecode of the same JPEG bytes (already in memory)
     in one thread per core, nothing else.
 Also shown, not targets: (c2) decode plus the uint8 -> float32 (3, h, w)
@@ -13,7 +13,9 @@ least work any loader producing float32 batches must do; (c3) decode and
 the split into a uint8 (3, h, w) batch, the least work of a loader that
 would leave the float conversion to the device; (d) MXNet's own
 mx.io.ImageRecordIter over the same pack (preprocess_threads = cores,
-rand_mirror, scale 1/255), the ready-made alternative to (b).
+rand_mirror, scale 1/255), the ready-made alternative to (b); (e) the
+loader (b) reading the same images from a pack in InsightFace's layout
+(header and identity records), as MS1M-V2/V3 come.
 
 Every epoch is the same 29 batches of 512 images of the stand-in (14,848
 images), flipped at random and converted to float32 (N, 3, 112, 112); each
@@ -23,6 +25,8 @@ import argparse
 import concurrent.futures
 import glob
 import os
+import shutil
+import tempfile
 
 import _common
 from _common import emit, median, paired_ratio, rates, round_robin, spread
@@ -34,6 +38,7 @@ from d2l import mxnet as d2l
 from mxnet import gluon, npx
 from mxnet.gluon.data.vision import transforms
 
+from d2l_face import formats
 from d2l_face import mxnet as d2lf
 
 npx.set_np()
@@ -48,7 +53,7 @@ class SourceFaceDataset(gluon.data.Dataset):
             transforms.RandomFlipLeftRight(), transforms.ToTensor()])
         self.items = []
         for label in range(num_classes):
-            folder = os.path.join(data_dir, '%08d' % label)
+            folder = os.path.join(data_dir, formats.identity_folder(label))
             self.items += [(path, label) for path in
                            glob.glob(os.path.join(folder, '*.jpg'))]
 
@@ -131,8 +136,12 @@ def main():
     simple = gluon.data.DataLoader(
         SourceFaceDataset(data_dir), BATCH_SIZE, shuffle=True,
         last_batch='discard', num_workers=d2l.get_dataloader_workers())
-    fast, _ = d2lf.load_data_face_rec(data_dir, (), BATCH_SIZE)
-    prefix = d2lf.pack_face_records(data_dir)  # made by the line above
+    fast, _ = d2lf.load_data_facerec(data_dir, (), BATCH_SIZE)
+    prefix = fast.prefix  # the pack the line above made (or found)
+    # (e): the same images in a pack laid out as InsightFace writes them.
+    insightface_dir = tempfile.mkdtemp(prefix='bench-insightface-')
+    d2lf.write_insightface_pack(data_dir, insightface_dir)
+    insightface, _ = d2lf.load_data_facerec(insightface_dir, (), BATCH_SIZE)
     record_iter = mx.io.ImageRecordIter(
         path_imgrec=prefix + '.rec', path_imgidx=prefix + '.idx',
         data_shape=(3, 112, 112), batch_size=BATCH_SIZE, shuffle=True,
@@ -160,26 +169,30 @@ def main():
         'c2': lambda: decode_and_convert(jpegs, pool, num_threads, outs),
         'c3': lambda: decode_to_uint8(jpegs, pool, num_threads, outs_uint8),
         'd': lambda: consume_record_iter(record_iter),
+        'e': lambda: consume(insightface),
     }, repeats=args.repeats)
+    shutil.rmtree(insightface_dir)
     names = {'a': '(a) source DataLoader, per-file imread',
-             'b': '(b) d2lf.load_data_face_rec (packed)',
+             'b': '(b) d2lf.load_data_facerec (packed)',
              'c': '(c) limit: cv2.imdecode only, all cores',
              'c2': '(c2) decode + float32 conversion only',
              'c3': '(c3) decode + uint8 planes only',
-             'd': '(d) mx.io.ImageRecordIter on the pack'}
+             'd': '(d) mx.io.ImageRecordIter on the pack',
+             'e': '(e) (b) on an InsightFace-layout pack'}
     for key, name in names.items():
         print(f'  {name:42s} {spread(rates(runs[key]))} images/s')
     a, b, c, c2, c3, d = (median(rates(runs[k]))
                           for k in ('a', 'b', 'c', 'c2', 'c3', 'd'))
     r = {k: paired_ratio(rates(runs['b']), rates(runs[k]))
-         for k in ('a', 'c', 'c2', 'd')}
+         for k in ('a', 'c', 'c2', 'd', 'e')}
     floors = {k: paired_ratio(rates(runs[k]), rates(runs['c']))
               for k in ('c2', 'c3')}
     cpu = {k: median(_common.per_unit_us(runs[k], 'cpu'))
            for k in ('b', 'c', 'c2')}
     print(f'  per-round ratios (medians): (b)/(c) = {r["c"]:.3f}, '
           f'(b)/(a) = {r["a"]:.2f}x, (b)/(c2) = {r["c2"]:.3f}, '
-          f'(b)/(d) = {r["d"]:.2f}x; ratio of the medians (b)/(c) = '
+          f'(b)/(d) = {r["d"]:.2f}x, (b)/(e) = {r["e"]:.2f}; ratio of the '
+          f'medians (b)/(c) = '
           f'{b / c:.3f}')
     print(f'  CPU time per image (all threads): (b) {cpu["b"]:.1f} us, '
           f'(c) {cpu["c"]:.1f} us, (c2) {cpu["c2"]:.1f} us; by CPU time '

@@ -6,15 +6,13 @@ only this header, which holds the imports that code needs, is edited by hand.
 """
 import collections
 import concurrent.futures
-import glob
+import contextlib
+import hashlib
 import json
 import math
-import mmap
 import os
-import pickle
-import struct
+import socket
 import time
-import warnings
 import weakref
 
 import cv2
@@ -27,7 +25,7 @@ from mxnet.gluon import nn
 from mxnet.gluon.data.vision import transforms
 
 import d2l_face
-from d2l_face import datahub, standin
+from d2l_face import datahub, formats, recordio, standin
 
 npx.set_np()
 
@@ -78,46 +76,57 @@ def read_facerec_meta(data_dir):
     """Read `property`: return the crop size (h, w) and the class count.
 
     Defined in :numref:`sec_facerecognition_dataset`"""
-    file_name = os.path.join(data_dir, 'property')
-    if not os.path.isfile(file_name):
+    file_name = os.path.join(data_dir, formats.PROPERTY_FILE)
+    try:
+        data = formats.read_regular_file(file_name, max_bytes=1 << 16)
+    except FileNotFoundError:
         raise FileNotFoundError(f'{file_name}: no property file, is '
-                                f'{data_dir} a face dataset folder?')
-    with open(file_name, encoding='utf-8', errors='replace') as f:
-        line = f.readline().strip()
-    fields = line.split(',')
-    if len(fields) != 3 or not all(x.strip().isdigit() for x in fields):
-        raise ValueError(f'{file_name}: first line should be '
-                         f'"num_classes,height,width", not {line!r}')
-    num_classes, height, width = (int(x) for x in fields)
-    if min(num_classes, height, width) < 1:
-        raise ValueError(f'{file_name}: counts must be positive: {line!r}')
-    return (height, width), num_classes
+                                f'{data_dir} a face dataset folder?') from None
+    text = data.decode('utf-8', errors='replace')
+    first_line = text.replace('\r\n', '\n').replace('\r', '\n').split('\n')[0]
+    return formats.parse_property(first_line, where=file_name)
+
+def read_face_jpeg(path, image_size=None):
+    """Return the bytes of a JPEG file after checking its header and end.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    data = formats.read_regular_file(path)
+    formats.check_jpeg_header(data, path, image_size)
+    # libjpeg decodes a cut-off file with only a warning; a JPEG ends with
+    # the EOI marker, so its absence means the file was truncated.
+    if not data.rstrip(b'\0').endswith(b'\xff\xd9'):
+        raise ValueError(f'{path}: not a complete JPEG file (truncated?)')
+    return data
 
 def read_face_image(path, image_size=None):
     """Read a JPEG face crop as an RGB uint8 array of shape (h, w, 3).
 
     Defined in :numref:`sec_facerecognition_dataset`"""
-    with open(path, 'rb') as f:
-        data = f.read()
-    # libjpeg decodes a cut-off file with only a warning; a JPEG ends with
-    # the EOI marker, so its absence means the file was truncated.
-    if not data.rstrip(b'\0').endswith(b'\xff\xd9'):
-        raise ValueError(f'{path}: not a complete JPEG file (truncated?)')
+    data = read_face_jpeg(path, image_size)
     image = cv2.imdecode(onp.frombuffer(data, onp.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f'{path}: cannot be decoded as an image')
     if image_size is not None and image.shape[:2] != tuple(image_size):
-        raise ValueError(f'{path}: image is {image.shape[1]}x'
+        raise ValueError(f'{path}: decoded to {image.shape[1]}x'
                          f'{image.shape[0]}, expected {image_size[1]}x'
-                         f'{image_size[0]}')
+                         f'{image_size[0]}')  # e.g. turned by EXIF data
     return image[:, :, ::-1]
+
+def list_face_jpegs(folder):
+    """Return the paths of the .jpg files in `folder`, sorted by name.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    # os.listdir, not glob: a folder name may hold characters such as '['
+    # that a glob pattern would read as wildcards.
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+            if name.endswith(formats.IMAGE_SUFFIX)]
 
 def read_identity_images(data_dir, person_id, max_num=None):
     """Read the face crops of one identity, in file-name order.
 
     Defined in :numref:`sec_facerecognition_dataset`"""
-    folder = os.path.join(data_dir, '%08d' % person_id)
-    paths = sorted(glob.glob(os.path.join(folder, '*.jpg')))[:max_num]
+    folder = os.path.join(data_dir, formats.identity_folder(person_id))
+    paths = list_face_jpegs(folder)[:max_num] if os.path.isdir(folder) else []
     if not paths:
         raise FileNotFoundError(f'{folder}: no .jpg images for identity '
                                 f'{person_id}')
@@ -135,18 +144,19 @@ def show_identities(data_dir, person_ids, num_per_id=8, scale=1.2):
     return d2l.show_images(imgs, len(person_ids), num_per_id, titles,
                            scale=scale)
 
-def list_facerec_images(data_dir):
+def list_facerec_images(data_dir, num_classes=None):
     """Return [(path, label)] for every crop of every identity folder.
 
     Defined in :numref:`sec_facerecognition_dataset`"""
-    _, num_classes = read_facerec_meta(data_dir)
+    if num_classes is None:
+        num_classes = read_facerec_meta(data_dir)[1]
     items = []
     for label in range(num_classes):
-        folder = os.path.join(data_dir, '%08d' % label)
+        folder = os.path.join(data_dir, formats.identity_folder(label))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f'{folder}: missing, although property '
                                     f'says there are {num_classes} classes')
-        paths = sorted(glob.glob(os.path.join(folder, '*.jpg')))
+        paths = list_face_jpegs(folder)
         if not paths:
             raise FileNotFoundError(f'{folder}: holds no .jpg images')
         items += [(path, label) for path in paths]
@@ -158,7 +168,7 @@ class FaceDataset(gluon.data.Dataset):
     Defined in :numref:`sec_facerecognition_dataset`"""
     def __init__(self, data_dir):
         self.image_size, self.num_classes = read_facerec_meta(data_dir)
-        self.items = list_facerec_images(data_dir)
+        self.items = list_facerec_images(data_dir, self.num_classes)
         self.transform = transforms.Compose([
             transforms.RandomFlipLeftRight(), transforms.ToTensor()])
 
@@ -171,158 +181,181 @@ class FaceDataset(gluon.data.Dataset):
                          dtype='uint8')
         return self.transform(image), label
 
-def facerec_pack_is_fresh(data_dir, prefix, items):
-    """Whether prefix.rec/.idx hold the current `items` of a dataset.
+PACK_FORMAT = 1  # the version of the pack and its marker
+
+def facerec_fingerprint(data_dir, items):
+    """Digest of `property` and of each image's path, label, size, time.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    digest = hashlib.sha1(formats.read_regular_file(
+        os.path.join(data_dir, formats.PROPERTY_FILE), max_bytes=1 << 16))
+    for path, label in items:
+        info = os.stat(path)
+        line = (f'{os.path.relpath(path, data_dir)}\t{label}\t'
+                f'{info.st_size}\t{info.st_mtime_ns}\n')
+        digest.update(line.encode('utf-8', 'surrogateescape'))
+    return digest.hexdigest()
+
+def pack_marker(prefix, num_records=None, sources=None):
+    """The marker a fresh pack `prefix` must carry (None: unreadable).
 
     Defined in :numref:`sec_facerecognition_dataset`"""
     try:
-        built = min(os.stat(prefix + ext).st_mtime_ns
-                    for ext in ('.rec', '.idx'))
-        with open(prefix + '.idx') as f:
-            num_records = sum(1 for line in f if line.strip())
+        rec, idx = (os.path.getsize(prefix + ext) for ext in ('.rec', '.idx'))
     except OSError:
-        return False
-    sources = [os.path.join(data_dir, 'property')]
-    sources += sorted({os.path.dirname(path) for path, _ in items})
-    sources += [path for path, _ in items]
-    return (num_records == len(items) and
-            all(os.stat(p).st_mtime_ns <= built for p in sources))
+        return None
+    return {'format': 'd2l_face pack', 'version': PACK_FORMAT,
+            'num_records': num_records, 'rec_bytes': rec, 'idx_bytes': idx,
+            'sources': sources}
 
-def pack_face_records(data_dir, name='train'):
-    """Pack the JPEG crops of a dataset into name.rec/.idx (once).
+def read_pack_marker(prefix):
+    """Return the marker of pack `prefix` as a dict, or None.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    try:
+        marker = json.loads(formats.read_regular_file(
+            prefix + '.d2l-pack.json', max_bytes=1 << 16))
+    except (OSError, ValueError):  # missing, not a file, not JSON
+        return None
+    return marker if isinstance(marker, dict) else None
+
+def pack_is_fresh(prefix, num_records, sources):
+    """Whether pack `prefix` is complete and made from these sources.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    marker, expected = read_pack_marker(prefix), pack_marker(
+        prefix, num_records, sources)
+    if marker is None or expected is None or set(marker) != set(expected):
+        return False
+    return all(type(marker[k]) is type(v) and marker[k] == v
+               for k, v in expected.items())
+
+def is_foreign_pack(prefix):
+    """Whether files of pack `prefix` exist that d2l_face did not make.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    return (not os.path.lexists(prefix + '.d2l-pack.json') and
+            any(os.path.lexists(prefix + ext) for ext in ('.rec', '.idx')))
+
+def write_json(path, value, tmp):
+    """Write `value` to `path` as JSON, whole or not at all.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+
+def pack_tmp_prefix(data_dir, name, pid=None):
+    """The temporary file names of a packing process on this machine.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    return os.path.join(data_dir, f'{name}.d2l-tmp.{socket.gethostname()}.'
+                                  f'{os.getpid() if pid is None else pid}')
+
+def remove_stale_pack_files(data_dir, name='train'):
+    """Remove temporary pack files whose process on this machine died.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    start = os.path.basename(pack_tmp_prefix(data_dir, name, pid=''))
+    for file_name in os.listdir(data_dir):
+        pid = file_name[len(start):].split('.')[0]
+        if not file_name.startswith(start) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0 only checks the process
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(data_dir, file_name))
+        except (PermissionError, OverflowError):
+            pass  # a process of another user: alive
+
+def checked_face_records(items, image_size):
+    """Yield (label, JPEG bytes) of `items`, each checked, read in threads.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    def read(item):
+        jpeg = read_face_jpeg(item[0], image_size)
+        if cv2.imdecode(onp.frombuffer(jpeg, onp.uint8), 1) is None:
+            raise ValueError(f'{item[0]}: cannot be decoded as an image')
+        return item[1], jpeg
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        for first in range(0, len(items), 1024):
+            yield from pool.map(read, items[first:first + 1024])
+
+def pack_face_records(data_dir, name='train', meta=None):
+    """Pack a folder dataset's crops into name.rec/.idx, unless fresh.
 
     Defined in :numref:`sec_facerecognition_dataset`"""
     prefix = os.path.join(data_dir, name)
-    items = list_facerec_images(data_dir)
-    if facerec_pack_is_fresh(data_dir, prefix, items):
+    if is_foreign_pack(prefix):
+        raise FileExistsError(
+            f'{prefix}.rec/.idx: not made by d2l_face (no marker), so they '
+            f'are only read, never replaced; read them with FaceRecordIter, '
+            f'or pack the folders under another name')
+    image_size, num_classes = meta or read_facerec_meta(data_dir)
+    items = list_facerec_images(data_dir, num_classes)
+    sources = facerec_fingerprint(data_dir, items)
+    if pack_is_fresh(prefix, len(items), sources):
         return prefix
-    image_size = read_facerec_meta(data_dir)[0]
-
-    def checked_jpeg(item):
-        read_face_image(item[0], image_size)  # complete, decodable, size
-        with open(item[0], 'rb') as f:
-            return f.read()
-
-    # Write under temporary names, then move into place: an interrupted
-    # run never leaves a pack that looks complete.
-    tmp = f'{prefix}-tmp{os.getpid()}'
-    writer = mx.recordio.MXIndexedRecordIO(tmp + '.idx', tmp + '.rec', 'w')
-    try:
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-            for first in range(0, len(items), 1024):  # check in threads
-                chunk = items[first:first + 1024]
-                jpegs = pool.map(checked_jpeg, chunk)
-                for i, ((_, label), jpeg) in enumerate(zip(chunk, jpegs),
-                                                       first):
-                    header = mx.recordio.IRHeader(0, label, i, 0)
-                    writer.write_idx(i, mx.recordio.pack(header, jpeg))
-        writer.close()
-        os.replace(tmp + '.rec', prefix + '.rec')
-        os.replace(tmp + '.idx', prefix + '.idx')
-    finally:
-        writer.close()
+    remove_stale_pack_files(data_dir, name)
+    tmp = pack_tmp_prefix(data_dir, name)
+    try:  # A marker that is not complete claims the pack, not freshness.
+        write_json(prefix + '.d2l-pack.json', {'packing': True}, tmp + '.json')
+        recordio.write_pack(tmp, checked_face_records(items, image_size))
+        if facerec_fingerprint(data_dir, list_facerec_images(
+                data_dir, num_classes)) != sources:
+            raise RuntimeError(f'{data_dir}: images changed while they were '
+                               f'packed; run again to pack the new ones')
         for ext in ('.rec', '.idx'):
-            if os.path.exists(tmp + ext):
+            os.replace(tmp + ext, prefix + ext)
+        write_json(prefix + '.d2l-pack.json',
+                   pack_marker(prefix, len(items), sources), tmp + '.json')
+    finally:
+        for ext in ('.rec', '.idx', '.json'):
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp + ext)
     return prefix
 
 class FaceRecordIter:
-    """Shuffled, randomly flipped float32 batches from a packed dataset."""
-    MAGIC = 0xced7230a  # begins every record of an MXNet RecordIO file
-    HEADER = struct.Struct('<IfQQ')  # flag, label, id, id2
-
-    def __init__(self, prefix, batch_size, image_size=(112, 112),
+    """Shuffled, randomly flipped float32 batches from a RecordIO pack."""
+    def __init__(self, prefix, batch_size, image_size=None, num_classes=None,
                  shuffle=True, flip=True, num_threads=None):
         """Defined in :numref:`sec_facerecognition_dataset`"""
-        if batch_size < 1:
-            raise ValueError(f'batch_size must be positive, not {batch_size}')
-        self.rec_file, self.batch_size = prefix + '.rec', batch_size
-        self.image_size, self.shuffle, self.flip = image_size, shuffle, flip
-        offsets = self._read_index(prefix + '.idx')
-        with open(self.rec_file, 'rb') as f:
-            size = os.fstat(f.fileno()).st_size
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) \
-                if size else b''
-        self._bytes = onp.frombuffer(self._map, onp.uint8)
-        self._joined = {}  # the JPEGs of records that were split in parts
-        self.labels = onp.empty(len(offsets), onp.int64)
-        self._spans = onp.empty((len(offsets), 2), onp.int64)
-        for i, pos in enumerate(offsets):
-            self.labels[i], self._spans[i] = self._read_record(i, pos)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f'batch_size must be a positive integer, not '
+                             f'{batch_size!r}')
+        self.prefix, self.batch_size = prefix, batch_size
+        self.shuffle, self.flip = shuffle, flip
+        self.pack = recordio.PackReader(prefix, image_size)
+        if image_size is None and len(self.pack):
+            image_size = formats.jpeg_size(self.pack.jpeg(0))
+        self.image_size = tuple(image_size or (0, 0))
+        self.num_classes = num_classes or self.pack.num_classes
+        if len(self.pack) and self.pack.labels.max() >= self.num_classes:
+            raise ValueError(f'{prefix}.rec: label {self.pack.labels.max()} '
+                             f'but only {self.num_classes} classes')
         self.num_threads = num_threads or os.cpu_count() or 1
         self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads)
         self._buffers = []  # [batch array, its user]
 
-    @staticmethod
-    def _read_index(path):
-        """Return the byte offsets of the records listed in an .idx file."""
-        with open(path) as f:
-            lines = [line for line in f if line.strip()]
-        try:
-            return [int(line.split('\t')[1]) for line in lines]
-        except (IndexError, ValueError):
-            raise ValueError(f'{path}: damaged index, expected lines '
-                             f'"key<TAB>offset"; delete it to rebuild the '
-                             f'pack') from None
-
-    def _damaged(self, i, pos, problem):
-        return ValueError(f'{self.rec_file}: record {i} at byte {pos} is '
-                          f'damaged ({problem}); delete the file to rebuild '
-                          f'the pack')
-
-    def _read_record(self, i, pos):
-        """Return the label of record i and the (begin, end) of its JPEG."""
-        parts, start = [], pos
-        while True:
-            if pos + 8 > len(self._map):
-                raise self._damaged(i, start, 'the file ends inside it')
-            magic, length = struct.unpack_from('<II', self._map, pos)
-            kind, length = length >> 29, length & (1 << 29) - 1
-            if magic != self.MAGIC or kind not in ((2, 3) if parts
-                                                   else (0, 1)):
-                raise self._damaged(i, start, 'no record starts there')
-            if pos + 8 + length > len(self._map):
-                raise self._damaged(i, start, 'the file ends inside it')
-            parts.append((pos + 8, pos + 8 + length))
-            pos += 8 + (length + 3) // 4 * 4  # records are 4-byte aligned
-            if kind in (0, 3):  # a whole record, or the last part of one
-                break
-        size = self.HEADER.size  # the JPEG follows the image header
-        if len(parts) == 1:
-            (begin, end), = parts
-            header, data_size = self._map[begin:begin + size], end - begin
-            begin += size
-        else:  # put back the magic numbers that separated the parts
-            data = struct.pack('<I', self.MAGIC).join(
-                self._map[a:b] for a, b in parts)
-            header, data_size, begin, end = data[:size], len(data), -1, -1
-            self._joined[i] = onp.frombuffer(data[size:], onp.uint8)
-        if data_size <= size:
-            raise self._damaged(i, start, 'too short to hold an image')
-        flag, label, _, _ = self.HEADER.unpack(header)
-        if flag != 0 or not 0 <= label < 2**31 or label != int(label):
-            raise self._damaged(i, start, f'bad header, label {label}')
-        return int(label), (begin, end)
-
     def __len__(self):
-        return len(self.labels) // self.batch_size
+        return len(self.pack) // self.batch_size
 
     def _fill(self, batch, first, records, flips):
-        """Decode, flip and convert images into batch[first:] (a thread)."""
+        """Decode, flip and convert images into batch[first:] (a thread).
+    
+        Defined in :numref:`sec_facerecognition_dataset`"""
         h, w = self.image_size
         rgb = onp.empty((3, h, w), onp.uint8)
         planes = [rgb[2], rgb[1], rgb[0]]  # cv2.split writes B, G, R
-        spans = self._spans[records].tolist()
-        for j, (i, (begin, end), flip) in enumerate(
-                zip(records.tolist(), spans, flips.tolist()), first):
-            jpeg = self._bytes[begin:end] if begin >= 0 else self._joined[i]
-            image = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
+        for j, (i, flip) in enumerate(zip(records.tolist(), flips.tolist()),
+                                      first):
+            image = cv2.imdecode(self.pack.jpeg(i), cv2.IMREAD_COLOR)
             if image is None or image.shape != (h, w, 3):
                 problem = ('cannot be decoded' if image is None else
                            f'is {image.shape[1]}x{image.shape[0]}, expected '
                            f'{w}x{h}')
-                raise ValueError(f'{self.rec_file}: the image of record {i} '
-                                 f'{problem}')
+                raise ValueError(f'{self.prefix}.rec: image {i} {problem}')
             if flip:
                 image = cv2.flip(image, 1)
             cv2.split(image, planes)  # BGR (h, w, 3) -> RGB (3, h, w)
@@ -331,24 +364,28 @@ class FaceRecordIter:
             x /= 255
 
     def _submit(self, records, flips):
-        """Start filling a free batch array with `records` in the threads."""
+        """Start filling a free batch array with `records` in the threads.
+    
+        Defined in :numref:`sec_facerecognition_dataset`"""
         for slot, (batch, user) in enumerate(self._buffers):
-            if user is None or isinstance(user, weakref.ref) and \
-                    user() is None:
+            if user is None or isinstance(user, weakref.ref) and user() is None:
                 break
         else:
             slot, batch = len(self._buffers), onp.empty(
-                (self.batch_size, 3) + tuple(self.image_size), onp.float32)
+                (self.batch_size, 3) + self.image_size, onp.float32)
             self._buffers.append([batch, None])
         self._buffers[slot][1] = 'filling'
         chunk = -(-len(records) // (2 * self.num_threads))
-        jobs = [self._pool.submit(self._fill, batch, lo,
-                                  records[lo:lo + chunk], flips[lo:lo + chunk])
+        jobs = [self._pool.submit(self._fill, batch, lo, records[lo:lo + chunk],
+                                  flips[lo:lo + chunk])
                 for lo in range(0, len(records), chunk)]
         return slot, records, jobs
+    
 
     def _finish(self, slot, records, jobs):
-        """Wait for a batch and wrap it for MXNet (without copying it)."""
+        """Wait for a batch and wrap it for MXNet (without copying it).
+    
+        Defined in :numref:`sec_facerecognition_dataset`"""
         try:
             for job in jobs:
                 job.result()
@@ -358,13 +395,14 @@ class FaceRecordIter:
         view = self._buffers[slot][0].view()
         X = mx.nd.from_numpy(view, zero_copy=True, array_cls=np.ndarray)
         self._buffers[slot][1] = weakref.ref(view)  # dead once MXNet is done
-        return X, np.array(self.labels[records], dtype='int64')
+        return X, np.array(self.pack.labels[records], dtype='int64')
 
     def __iter__(self):
-        n, bs = len(self.labels), self.batch_size
+        """Defined in :numref:`sec_facerecognition_dataset`"""
+        n, bs = len(self.pack), self.batch_size
         order = onp.random.permutation(n) if self.shuffle else onp.arange(n)
-        flips = onp.random.uniform(size=n) < 0.5 if self.flip \
-            else onp.zeros(n, bool)
+        flips = (onp.random.uniform(size=n) < 0.5 if self.flip
+                 else onp.zeros(n, bool))
         todo = collections.deque((order[b * bs:(b + 1) * bs],
                                   flips[b * bs:(b + 1) * bs])
                                  for b in range(len(self)))
@@ -381,15 +419,22 @@ class FaceRecordIter:
                 concurrent.futures.wait(jobs)
                 self._buffers[slot][1] = None
 
-def load_bin(path, image_size=(112, 112)):
+def load_bin(path, image_size=(112, 112), max_images=100_000):
     """Defined in :numref:`sec_facerecognition_dataset`"""
     """Load a .bin verification set: (images, issame).
 
     images: uint8 array of shape (2, 2 * num_pairs, 3, h, w), the second
     copy flipped left-right; issame: bool array of shape (num_pairs,)."""
     bins, issame = datahub.load_bin_pairs(path)
+    # A face JPEG takes far more than a hundred bytes: more images than
+    # that (beyond a first thousand) means the same bytes listed again.
+    limit = min(max_images, max(1000, os.path.getsize(path) // 100))
+    if len(bins) > limit:
+        raise ValueError(f'{path}: {len(bins)} images, more than the '
+                         f'{limit} allowed for a file of this size')
     data = onp.empty((2, len(bins), 3) + tuple(image_size), dtype=onp.uint8)
     for i, jpeg in enumerate(bins):
+        formats.check_jpeg_header(jpeg, f'{path}: image {i}')
         image = cv2.imdecode(onp.frombuffer(jpeg, onp.uint8), cv2.IMREAD_COLOR)
         if image is None:
             raise ValueError(f'{path}: image {i} cannot be decoded')
@@ -400,19 +445,29 @@ def load_bin(path, image_size=(112, 112)):
         data[1, i] = image[:, :, ::-1]
     return data, onp.array(issame, dtype=bool)
 
-def load_data_face_rec(data_dir, load_val=(), batch_size=512):
+def load_data_facerec(data_dir, verification_sets=(), batch_size=512):
     """Return a training data iterator and a dict of verification sets.
 
     Defined in :numref:`sec_facerecognition_dataset`"""
-    train_iter = FaceRecordIter(pack_face_records(data_dir), batch_size,
-                                read_facerec_meta(data_dir)[0])
-    val_sets = {}
-    for name in load_val:
+    prefix = os.path.join(data_dir, 'train')
+    foreign = is_foreign_pack(prefix)
+    image_size = num_classes = None  # a pack alone tells them itself
+    if not foreign or os.path.exists(os.path.join(data_dir, 'property')):
+        image_size, num_classes = read_facerec_meta(data_dir)
+    if foreign and os.path.isdir(os.path.join(
+            data_dir, formats.identity_folder(0))):
+        print(f'NOTICE: reading {prefix}.rec, a pack that d2l_face did not '
+              f'make; the identity folders next to it are not used.')
+    if not foreign:
+        prefix = pack_face_records(data_dir, meta=(image_size, num_classes))
+    train_iter = FaceRecordIter(prefix, batch_size, image_size, num_classes)
+    sets = {}
+    for name in verification_sets:
         path = os.path.join(data_dir, name + '.bin')
         if not os.path.isfile(path):
             raise FileNotFoundError(f'{path}: no verification set {name!r}')
-        val_sets[name] = load_bin(path, read_facerec_meta(data_dir)[0])
-    return train_iter, val_sets
+        sets[name] = load_bin(path, train_iter.image_size)
+    return train_iter, sets
 
 def show_verification_pairs(images, issame, num_pairs=6, scale=1.5):
     """Plot the first pairs of a verification set with their labels.
@@ -425,20 +480,48 @@ def show_verification_pairs(images, issame, num_pairs=6, scale=1.5):
     return d2l.show_images(first + second, 2, num_pairs,
                            titles + [''] * num_pairs, scale=scale)
 
-ARCFACE_TEMPLATE = onp.array([
-    [38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-    [41.5493, 92.3655], [70.7299, 92.2041]], dtype=onp.float32)
+def write_insightface_pack(data_dir, out_dir, num_classes=None,
+                           label_vector=False):
+    """Write identities of a folder dataset as InsightFace packs them.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    image_size, all_classes = read_facerec_meta(data_dir)
+    num_classes = num_classes or all_classes
+    items = list_facerec_images(data_dir, all_classes)
+    items = [(path, label) for path, label in items if label < num_classes]
+    os.makedirs(out_dir, exist_ok=True)
+    names = ('train.rec', 'train.idx', formats.PROPERTY_FILE)
+    if any(os.path.lexists(os.path.join(out_dir, n)) for n in names):
+        raise FileExistsError(f'{out_dir}: already holds a pack')
+    tmp = pack_tmp_prefix(out_dir, 'train')
+    try:
+        recordio.write_pack(tmp, checked_face_records(items, image_size),
+                            layout='insightface', label_vector=label_vector)
+        with open(tmp + '.property', 'w') as f:
+            f.write(formats.format_property(num_classes, *image_size) + '\n')
+        for ext, n in zip(('.rec', '.idx', '.property'), names):
+            os.replace(tmp + ext, os.path.join(out_dir, n))
+    finally:
+        for ext in ('.rec', '.idx', '.property'):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp + ext)
+    return out_dir
+
+ARCFACE_TEMPLATE = formats.ARCFACE_TEMPLATE  # (5, 2): x, y in a 112x112 crop
 
 def check_landmarks(landmark):
     """Return landmarks as a float64 (5, 2) array, or raise ValueError.
 
-    Defined in :numref:`sec_facerecognition_dataset`"""
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
     landmark = onp.asarray(landmark, dtype=onp.float64)
     if landmark.shape != (5, 2):
         raise ValueError(f'landmark must have shape (5, 2), not '
                          f'{landmark.shape}')
     if not onp.isfinite(landmark).all():
         raise ValueError('landmark holds NaN or infinite values')
+    if onp.abs(landmark).max() >= 1e6:  # far outside any photo
+        raise ValueError(f'landmark coordinates must lie within a million '
+                         f'pixels, not {onp.abs(landmark).max():g}')
     xs, ys = landmark.T.tolist()
     mean_x, mean_y = sum(xs) / 5, sum(ys) / 5
     sxx = syy = sxy = 0.0
@@ -446,7 +529,7 @@ def check_landmarks(landmark):
         x, y = x - mean_x, y - mean_y
         sxx, syy, sxy = sxx + x * x, syy + y * y, sxy + x * y
     # Eigenvalues of [[sxx, sxy], [sxy, syy]], the squared singular values
-    # of the centred points: the larger from the closed form, the smaller as
+    # of the centered points: the larger from the closed form, the smaller as
     # determinant / larger (which avoids subtracting nearly equal numbers).
     large = (sxx + syy) / 2 + (((sxx - syy) / 2) ** 2 + sxy ** 2) ** 0.5
     small = max(sxx * syy - sxy ** 2, 0.0) / large if large > 0 else 0.0
@@ -459,7 +542,7 @@ def check_landmarks(landmark):
 def estimate_similarity(src, dst):
     """Least-squares similarity transform mapping src onto dst: (2, 3).
 
-    Defined in :numref:`sec_facerecognition_dataset`"""
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
     xs, ys = onp.asarray(src).T.tolist()
     us, vs = onp.asarray(dst).T.tolist()
     n = len(xs)
@@ -474,17 +557,35 @@ def estimate_similarity(src, dst):
     return onp.array([[a, -b, qx - a * px + b * py],
                       [b, a, qy - b * px - a * py]])
 
+WARP_DTYPES = ('uint8', 'uint16', 'int16', 'float32', 'float64')
+
+def check_image(image):
+    """Return `image` if OpenCV can warp it, else raise ValueError.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    if not isinstance(image, onp.ndarray) or image.ndim not in (2, 3) \
+            or image.size == 0 or image.ndim == 3 and image.shape[2] > 4:
+        raise ValueError('image must be a non-empty numpy array of shape '
+                         '(h, w) or (h, w, c) with at most 4 channels')
+    if image.dtype.name not in WARP_DTYPES:
+        raise ValueError(f'image of dtype {image.dtype}: OpenCV warps only '
+                         f'{", ".join(WARP_DTYPES)}')
+    if max(image.shape[:2]) >= 32767:  # SHRT_MAX, OpenCV's limit
+        raise ValueError(f'image of {image.shape[1]}x{image.shape[0]} '
+                         f'pixels: OpenCV warps sides below 32767 only')
+    return image
+
 def face_align(image, landmark, image_size=112):
     """Warp a face so its 5 landmarks match the ArcFace template.
 
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    if not isinstance(image, onp.ndarray) or image.ndim not in (2, 3) \
-            or image.size == 0:
-        raise ValueError('image must be a non-empty (h, w) or (h, w, c) '
-                         'numpy array')
-    M = estimate_similarity(check_landmarks(landmark),
-                            ARCFACE_TEMPLATE * (image_size / 112))
-    return cv2.warpAffine(image, M, (image_size, image_size),
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    if isinstance(image_size, bool) or not isinstance(
+            image_size, (int, onp.integer)) or not 0 < image_size < 32767:
+        raise ValueError(f'image_size must be a positive integer below '
+                         f'32767, not {image_size!r}')
+    M = estimate_similarity(check_landmarks(landmark), ARCFACE_TEMPLATE *
+                            (image_size / formats.TEMPLATE_SIZE))
+    return cv2.warpAffine(check_image(image), M, (int(image_size),) * 2,
                           borderValue=0.0)
 
 class ChannelPReLU(nn.HybridBlock):

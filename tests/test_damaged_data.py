@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from d2l_face import datahub, standin
+from d2l_face import datahub, formats, standin
 from d2l_face import mxnet as d2lf
 
 SETTINGS = settings(max_examples=60, deadline=None,
@@ -86,19 +86,23 @@ def test_missing_identity_folders(missing, small_standin, tmp_path):
     copy = os.path.join(tempfile.mkdtemp(dir=tmp_path), 'faces')
     shutil.copytree(small_standin, copy)
     for label in missing:
-        shutil.rmtree(os.path.join(copy, '%08d' % label))
+        shutil.rmtree(os.path.join(copy, formats.identity_folder(label)))
     if not missing:
         assert len(d2lf.FaceDataset(copy)) == 12
     else:
-        with pytest.raises(FileNotFoundError, match='%08d' % min(missing)):
+        with pytest.raises(FileNotFoundError,
+                           match=formats.identity_folder(min(missing))):
             d2lf.FaceDataset(copy)
 
 
 finite = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False)
+# Any finite double, 1e160 and 1e-300 included.
+any_finite = st.floats(allow_nan=False, allow_infinity=False)
 
 
 @SETTINGS
-@given(points=st.lists(st.tuples(finite, finite), min_size=5, max_size=5))
+@given(points=st.lists(st.tuples(any_finite, any_finite), min_size=5,
+                       max_size=5))
 def test_random_landmarks(points):
     image = onp.full((64, 80, 3), 128, onp.uint8)
     try:
@@ -150,3 +154,54 @@ def test_bin_with_random_images(images, a_jpeg, tmp_path):
     else:
         assert data.shape == (2, len(bins), 3, 112, 112)
         assert issame.shape == (len(bins) // 2,)
+
+
+@SETTINGS
+@given(points=st.lists(st.tuples(finite, finite), min_size=5, max_size=5),
+       exponent=st.integers(min_value=7, max_value=307))
+def test_landmarks_far_beyond_any_photo(points, exponent):
+    """Shifted or scaled beyond a million pixels: refused, never a crop."""
+    image = onp.full((64, 80, 3), 128, onp.uint8)
+    points = onp.array(points)
+    for far in (points + 10.0 ** exponent, points * 10.0 ** (exponent - 4)):
+        if onp.abs(far).max() < 1e6:
+            continue  # every point happened to be near 0
+        with pytest.raises(ValueError, match='landmark'):
+            d2lf.face_align(image, far)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) |
+    st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) |
+    st.dictionaries(st.text(max_size=12), inner, max_size=6), max_leaves=12)
+
+
+@pytest.fixture(scope='module')
+def packed(small_standin, tmp_path_factory):
+    """A copy of the small stand-in with a fresh pack: (prefix, good marker)."""
+    import json
+    copy = str(tmp_path_factory.mktemp('packed') / 'faces')
+    shutil.copytree(small_standin, copy)
+    prefix = d2lf.pack_face_records(copy)
+    with open(prefix + '.d2l-pack.json') as f:
+        return prefix, json.load(f)
+
+
+@SETTINGS
+@given(value=json_values, tweak=st.sampled_from(['as is', 'merged']))
+def test_any_other_marker_is_not_fresh(value, tweak, packed):
+    import json
+    prefix, good = packed
+    marker = dict(good, **value) if tweak == 'merged' and isinstance(
+        value, dict) else value
+    with open(prefix + '.d2l-pack.json', 'w') as f:
+        json.dump(marker, f)
+    try:
+        fresh = d2lf.pack_is_fresh(prefix, good['num_records'],
+                                   good['sources'])
+    finally:
+        with open(prefix + '.d2l-pack.json', 'w') as f:
+            json.dump(good, f)
+    assert fresh == (marker == good and all(
+        type(marker[k]) is type(good[k]) for k in good))

@@ -8,7 +8,7 @@ import numpy as onp
 import pytest
 from skimage import transform as skimage_transform
 
-from d2l_face import datahub, standin
+from d2l_face import datahub, formats, standin
 from d2l_face import mxnet as d2lf
 
 from conftest import NUM_CLASSES, PER_CLASS
@@ -99,7 +99,7 @@ def test_random_flip_happens_and_is_only_a_flip(data_dir):
 
 def test_loader_batches_and_verification_set(standin_root):
     data_dir = standin_root / standin.DATASET_DIR
-    train_iter, val_sets = d2lf.load_data_face_rec(data_dir, ['lfw_small'], 8)
+    train_iter, sets = d2lf.load_data_facerec(data_dir, ['lfw_small'], 8)
     batches = list(train_iter)
     # last_batch='discard': only full batches.
     assert len(batches) == NUM_CLASSES * PER_CLASS // 8
@@ -108,14 +108,14 @@ def test_loader_batches_and_verification_set(standin_root):
         assert X.shape == (8, 3, 112, 112) and y.shape == (8,)
         labels += y.asnumpy().tolist()
     assert min(labels) >= 0 and max(labels) < NUM_CLASSES
-    images, issame = val_sets['lfw_small']
+    images, issame = sets['lfw_small']
     assert images.shape == (2, 40, 3, 112, 112) and images.dtype == onp.uint8
     assert issame.shape == (20,) and issame.sum() == 10
 
 
 def test_missing_verification_set(standin_root):
     with pytest.raises(FileNotFoundError, match='cfp_fp.bin'):
-        d2lf.load_data_face_rec(standin_root / standin.DATASET_DIR,
+        d2lf.load_data_facerec(standin_root / standin.DATASET_DIR,
                                 ['cfp_fp'], 8)
 
 
@@ -189,11 +189,160 @@ def test_bad_landmarks_are_refused(landmark, message):
         d2lf.face_align(image, landmark)
 
 
-@pytest.mark.parametrize('image', [None, onp.zeros((0, 0, 3), onp.uint8),
-                                   [[1, 2], [3, 4]], onp.zeros(10, onp.uint8)])
-def test_bad_images_are_refused(image):
+@pytest.mark.parametrize('image', [
+    None, onp.zeros((0, 0, 3), onp.uint8), [[1, 2], [3, 4]],
+    onp.zeros(10, onp.uint8), onp.zeros((8, 8, 5), onp.uint8),
+    onp.zeros((8, 8, 3), bool), onp.zeros((8, 8, 3), onp.int32),
+    onp.zeros((8, 8, 3), onp.int64), onp.zeros((8, 8, 3), onp.float16),
+    onp.zeros((8, 8), onp.complex64), onp.zeros((8, 8), object),
+    onp.zeros((32767, 1), onp.uint8)], ids=str)
+def test_images_opencv_cannot_warp_are_refused(image):
     with pytest.raises(ValueError, match='image'):
         d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE)
+
+
+@pytest.mark.parametrize('dtype', d2lf.WARP_DTYPES)
+def test_every_dtype_opencv_warps_is_accepted(dtype):
+    image = onp.ones((112, 112, 3), dtype)
+    aligned = d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE)
+    assert aligned.dtype == image.dtype
+    onp.testing.assert_array_equal(aligned, image)
+
+
+@pytest.mark.parametrize('image_size', [0, -112, 2.5, 112.0, '112', None,
+                                        True, 1 << 40])
+def test_image_size_must_be_a_positive_integer(image_size):
+    image = onp.zeros((112, 112, 3), onp.uint8)
+    with pytest.raises(ValueError, match='image_size'):
+        d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE, image_size)
+
+
+def test_other_crop_sizes_scale_the_template():
+    image = onp.random.default_rng(3).integers(0, 256, (224, 224, 3),
+                                               dtype=onp.uint8)
+    aligned = d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE * 2,
+                              onp.int64(224))
+    onp.testing.assert_array_equal(aligned, image)
+
+
+@pytest.mark.parametrize('magnitude', [1e7, 1e160, 1e200, 1e300])
+def test_landmarks_of_absurd_magnitude_are_refused(magnitude):
+    image = onp.zeros((200, 200, 3), onp.uint8)
+    template = d2lf.ARCFACE_TEMPLATE.astype(onp.float64)
+    # A valid face shape, scaled or moved far beyond any photo.
+    for landmark in (template * (magnitude / 100), template + magnitude,
+                     template - magnitude):
+        with pytest.raises(ValueError, match='landmark'):
+            d2lf.face_align(image, landmark)
+
+
+def test_template_is_the_one_of_formats():
+    assert d2lf.ARCFACE_TEMPLATE is formats.ARCFACE_TEMPLATE
+
+
+def make_fifo(path):
+    os.mkfifo(path)
+    return str(path)
+
+
+def in_time(function, *args, seconds=10):
+    """Call function(*args) in a thread; fail if it does not end in time."""
+    import threading
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(('value', function(*args)))
+        except Exception as e:  # reported below
+            outcome.append(('error', e))
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f'{function.__name__} still blocks after {seconds} s'
+    return outcome[0]
+
+
+def test_a_fifo_named_like_an_image_is_refused(data_dir):
+    fifo = make_fifo(data_dir / '00000001' / 'zz-fifo.jpg')
+    kind, error = in_time(d2lf.read_face_image, fifo)
+    assert kind == 'error' and isinstance(error, ValueError)
+    assert 'zz-fifo.jpg' in str(error) and 'not a regular file' in str(error)
+    kind, error = in_time(d2lf.pack_face_records, str(data_dir))
+    assert kind == 'error' and 'zz-fifo.jpg' in str(error)
+
+
+def test_a_fifo_as_property_is_refused(tmp_path):
+    make_fifo(tmp_path / 'property')
+    kind, error = in_time(d2lf.read_facerec_meta, str(tmp_path))
+    assert kind == 'error' and isinstance(error, ValueError)
+    assert 'property' in str(error)
+
+
+def claiming(jpeg, height, width):
+    """The JPEG with a frame header that claims height x width pixels."""
+    at = formats_sof(jpeg)
+    return (jpeg[:at + 5] + height.to_bytes(2, 'big') +
+            width.to_bytes(2, 'big') + jpeg[at + 9:])
+
+
+def formats_sof(jpeg):
+    at = jpeg.index(b'\xff\xc0')
+    assert formats.jpeg_size(jpeg) == (112, 112)
+    return at
+
+
+def test_a_jpeg_claiming_a_huge_size_is_refused_before_decoding(
+        data_dir, tmp_path, monkeypatch):
+    path = sorted((data_dir / '00000001').glob('*.jpg'))[0]
+    path.write_bytes(claiming(path.read_bytes(), 20000, 20000))
+    # Not one decode may happen: the header alone must refuse the file.
+    huge, decode = path.read_bytes(), cv2.imdecode
+
+    def imdecode(buf, flags):
+        if bytes(buf) == huge:
+            pytest.fail('decoded a file whose header claims 20000x20000')
+        return decode(buf, flags)
+    monkeypatch.setattr(d2lf.cv2, 'imdecode', imdecode)
+    for image_size in (None, (112, 112)):
+        with pytest.raises(ValueError, match=f'{path.name}.*20000x20000'):
+            d2lf.read_face_image(str(path), image_size)
+    with pytest.raises(ValueError, match=f'{path.name}.*20000x20000'):
+        d2lf.pack_face_records(str(data_dir))
+    bin_path = str(tmp_path / 'huge.bin')
+    datahub.save_bin_pairs(bin_path, [path.read_bytes()] * 2, [True])
+    with pytest.raises(ValueError, match=r'huge\.bin: image 0.*20000x20000'):
+        d2lf.load_bin(bin_path)
+
+
+def test_bin_listing_more_images_than_its_size_holds(tmp_path, standin_root):
+    folder = standin_root / standin.DATASET_DIR / '00000000'
+    jpeg = sorted(folder.glob('*.jpg'))[0].read_bytes()
+    path = str(tmp_path / 'repeated.bin')
+    # One bytes object listed many times: pickle stores it once.
+    datahub.save_bin_pairs(path, [jpeg] * 20000, [True] * 10000)
+    assert os.path.getsize(path) < 20000 * 100
+    try:
+        d2lf.load_bin(path)
+    except ValueError as e:  # refused here or by load_bin_pairs
+        assert 'repeated.bin' in str(e)
+    else:
+        pytest.fail('a small file expanded to 20000 images')
+    images, _ = d2lf.load_bin(str(standin_root / standin.DATASET_DIR /
+                                  'lfw_small.bin'), max_images=40)
+    assert images.shape[1] == 40
+    with pytest.raises(ValueError, match='lfw_small.bin: 40 images'):
+        d2lf.load_bin(str(standin_root / standin.DATASET_DIR /
+                          'lfw_small.bin'), max_images=39)
+
+
+def test_a_dataset_under_a_folder_with_glob_characters(standin_root,
+                                                       tmp_path):
+    folder = tmp_path / 'faces [v2] *?'
+    shutil.copytree(standin_root / standin.DATASET_DIR, folder)
+    assert len(d2lf.FaceDataset(str(folder))) == NUM_CLASSES * PER_CLASS
+    assert len(d2lf.read_identity_images(str(folder), 2)) == PER_CLASS
+    train_iter, _ = d2lf.load_data_facerec(str(folder), ['lfw_small'], 5)
+    assert len(train_iter) == NUM_CLASSES * PER_CLASS // 5
 
 
 def test_source_choice_is_validated(monkeypatch):

@@ -36,6 +36,6 @@ def test_committed_library_equals_notebooks(tmp_path, module):
 
 def test_saved_cells_reach_the_library():
     from d2l_face import mxnet as d2lf
-    for name in ['read_facerec_meta', 'FaceDataset', 'load_data_face_rec',
+    for name in ['read_facerec_meta', 'FaceDataset', 'load_data_facerec',
                  'face_align']:
         assert hasattr(d2lf, name), name

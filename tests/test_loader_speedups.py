@@ -1,8 +1,10 @@
 """Section 1's packed loader: the same batches as the per-file one, faster.
 
-`pack_face_records` + `FaceRecordIter` (behind `load_data_face_rec`) must give
+`pack_face_records` + `FaceRecordIter` (behind `load_data_facerec`) must give
 what `FaceDataset` + `DataLoader` give: RGB float32 x/255 in (3, h, w), each
 image flipped with probability 1/2, a new order each epoch, full batches only.
+The byte-level format is `d2l_face.recordio`'s (tested in test_recordio.py);
+here we test what the section builds on it.
 """
 import collections
 import os
@@ -13,11 +15,11 @@ import cv2
 import numpy as onp
 import pytest
 
-from d2l_face import standin
+from d2l_face import recordio, standin
 from d2l_face import mxnet as d2lf
 
 from conftest import NUM_CLASSES, PER_CLASS
-MAGIC = struct.pack('<I', 0xced7230a)
+MAGIC = struct.pack('<I', recordio.MAGIC)
 
 
 @pytest.fixture
@@ -127,84 +129,48 @@ def test_stopping_early_then_running_again(data_dir):
     assert len(epoch(train_iter)) == 6
 
 
-def test_load_data_face_rec_uses_the_pack(data_dir):
-    train_iter, _ = d2lf.load_data_face_rec(data_dir, [], 8)
+def test_iterator_carries_crop_size_and_class_count(data_dir):
+    train_iter, _ = d2lf.load_data_facerec(data_dir, [], 8)
+    assert train_iter.num_classes == NUM_CLASSES
+    assert train_iter.image_size == (112, 112)
+    # Without property, the pack tells: its labels and its first JPEG.
+    alone = d2lf.FaceRecordIter(os.path.join(data_dir, 'train'), 8)
+    assert alone.num_classes == NUM_CLASSES and alone.image_size == (112, 112)
+
+
+def test_property_is_read_once_per_load(data_dir, monkeypatch):
+    calls = []
+    read = d2lf.read_facerec_meta
+    monkeypatch.setattr(d2lf, 'read_facerec_meta',
+                        lambda *args: calls.append(args) or read(*args))
+    d2lf.load_data_facerec(data_dir, ['lfw_small'], 8)
+    assert len(calls) == 1
+
+
+def test_labels_beyond_the_class_count_are_refused(data_dir):
+    prefix = d2lf.pack_face_records(data_dir)
+    with pytest.raises(ValueError, match=rf'train\.rec: label {NUM_CLASSES - 1}'
+                                         r' but only 3 classes'):
+        d2lf.FaceRecordIter(prefix, 4, num_classes=3)
+
+
+def test_load_data_facerec_uses_the_pack(data_dir):
+    train_iter, _ = d2lf.load_data_facerec(data_dir, [], 8)
     assert isinstance(train_iter, d2lf.FaceRecordIter)
-    assert os.path.isfile(os.path.join(data_dir, 'train.rec'))
-    assert os.path.isfile(os.path.join(data_dir, 'train.idx'))
+    assert train_iter.pack.layout == 'flat'
+    for name in ('train.rec', 'train.idx', 'train.d2l-pack.json'):
+        assert os.path.isfile(os.path.join(data_dir, name))
     assert not [n for n in os.listdir(data_dir) if 'tmp' in n]
 
 
-def rec_mtime(data_dir):
-    return os.stat(os.path.join(data_dir, 'train.rec')).st_mtime_ns
-
-
-def test_fresh_pack_is_reused(data_dir):
-    prefix = d2lf.pack_face_records(data_dir)
-    built = rec_mtime(data_dir)
-    assert d2lf.pack_face_records(data_dir) == prefix
-    assert rec_mtime(data_dir) == built
-
-
-def test_pack_is_rebuilt_when_an_image_changes(data_dir):
-    prefix = d2lf.pack_face_records(data_dir)
-    built = rec_mtime(data_dir)
-    path, label = d2lf.list_facerec_images(data_dir)[7]
-    new = onp.full((112, 112, 3), (10, 200, 30), onp.uint8)
-    cv2.imwrite(path, new)
-    os.utime(path, ns=(built + 10**9, built + 10**9))
-    d2lf.pack_face_records(data_dir)
-    assert rec_mtime(data_dir) > built
-    train_iter = d2lf.FaceRecordIter(prefix, 1, shuffle=False, flip=False)
-    X, y = list(train_iter)[7]
-    expected = d2lf.read_face_image(path).transpose(2, 0, 1) / onp.float32(255)
-    onp.testing.assert_array_equal(X[0].asnumpy(), expected)
-    assert int(y[0]) == label
-
-
-@pytest.mark.parametrize('change', ['add image', 'remove image', 'property'])
-def test_pack_is_rebuilt_when_the_dataset_changes(data_dir, change):
-    d2lf.pack_face_records(data_dir)
-    built = rec_mtime(data_dir)
-    later = (built + 10**9, built + 10**9)
-    folder = os.path.join(data_dir, '00000002')
-    if change == 'add image':
-        source = os.path.join(folder, sorted(os.listdir(folder))[0])
-        shutil.copy(source, os.path.join(folder, 'extra.jpg'))
-        os.utime(folder, ns=later)
-    elif change == 'remove image':
-        os.remove(os.path.join(folder, sorted(os.listdir(folder))[0]))
-        os.utime(folder, ns=later)
-    else:
-        os.utime(os.path.join(data_dir, 'property'), ns=later)
-    d2lf.pack_face_records(data_dir)
-    assert rec_mtime(data_dir) > built
-    items = d2lf.list_facerec_images(data_dir)
-    train_iter = d2lf.FaceRecordIter(os.path.join(data_dir, 'train'), 1)
-    assert len(train_iter) == len(items)
-
-
-def test_pack_with_missing_index_is_rebuilt(data_dir):
-    d2lf.pack_face_records(data_dir)
-    os.remove(os.path.join(data_dir, 'train.idx'))
-    prefix = d2lf.pack_face_records(data_dir)
-    assert len(d2lf.FaceRecordIter(prefix, 1)) == NUM_CLASSES * PER_CLASS
-
-
-def test_packing_names_a_bad_image_and_leaves_no_pack(data_dir):
-    path = d2lf.list_facerec_images(data_dir)[11][0]
-    with open(path, 'rb') as f:
-        data = f.read()
-    with open(path, 'wb') as f:
-        f.write(data[:200])
-    with pytest.raises(ValueError, match=os.path.basename(path)):
-        d2lf.pack_face_records(data_dir)
-    assert not [n for n in os.listdir(data_dir) if n.startswith('train')]
+def test_bad_batch_size():
+    for batch_size in (0, -1, 2.5, None):
+        with pytest.raises(ValueError, match='batch_size'):
+            d2lf.FaceRecordIter('nowhere', batch_size)
 
 
 def record_offsets(prefix):
-    with open(prefix + '.idx') as f:
-        return [int(line.split('\t')[1]) for line in f]
+    return [offset for _, offset in recordio.read_index(prefix + '.idx')]
 
 
 def test_damaged_record_is_named(data_dir):
@@ -213,61 +179,42 @@ def test_damaged_record_is_named(data_dir):
     with open(prefix + '.rec', 'r+b') as f:
         f.seek(offset)
         f.write(b'\0\0\0\0')
-    with pytest.raises(ValueError, match=r'train\.rec: record 3 .*damaged'):
+    with pytest.raises(recordio.PackError,
+                       match=rf'train\.rec: record 3 at byte {offset}'):
         d2lf.FaceRecordIter(prefix, 4)
 
 
-def test_truncated_pack_is_named(data_dir):
-    prefix = d2lf.pack_face_records(data_dir)
-    last = record_offsets(prefix)[-1]
-    with open(prefix + '.rec', 'r+b') as f:
-        f.truncate(last + 40)
-    last_record = NUM_CLASSES * PER_CLASS - 1
-    with pytest.raises(ValueError,
-                       match=f'record {last_record} .*ends inside it'):
-        d2lf.FaceRecordIter(prefix, 4)
-
-
-def test_damaged_index_is_named(data_dir):
+def test_damaged_index_is_named_and_not_to_be_deleted(data_dir):
     prefix = d2lf.pack_face_records(data_dir)
     with open(prefix + '.idx', 'a') as f:
         f.write('garbage\n')
-    with pytest.raises(ValueError, match=r'train\.idx: damaged index'):
+    with pytest.raises(recordio.PackError, match=r'train\.idx') as error:
         d2lf.FaceRecordIter(prefix, 4)
+    assert 'delete' not in str(error.value)
 
 
-@pytest.mark.parametrize('label, jpeg, message', [
-    (3, b'', 'too short'), (-1, b'\xff\xd8\xff\xd9', 'bad header'),
-    (2.5, b'\xff\xd8\xff\xd9', 'bad header')])
-def test_bad_record_contents_are_named(tmp_path, label, jpeg, message):
-    import mxnet as mx
-    prefix = str(tmp_path / 'odd')
-    writer = mx.recordio.MXIndexedRecordIO(prefix + '.idx', prefix + '.rec',
-                                           'w')
-    writer.write_idx(0, mx.recordio.pack(mx.recordio.IRHeader(0, 1, 0, 0),
-                                         b'\xff\xd8\xff\xd9'))
-    writer.write_idx(1, mx.recordio.pack(mx.recordio.IRHeader(0, label, 1, 0),
-                                         jpeg))
-    writer.close()
-    with pytest.raises(ValueError, match=f'record 1 .*{message}'):
-        d2lf.FaceRecordIter(prefix, 1)
-
-
-def test_bad_batch_size():
-    with pytest.raises(ValueError, match='batch_size'):
-        d2lf.FaceRecordIter('nowhere', 0)
+def first_sof_offset(jpeg):
+    """Where the JPEG's frame header (SOF0) starts."""
+    return jpeg.index(b'\xff\xc0')
 
 
 def test_undecodable_image_in_a_record_is_named(data_dir):
     prefix = d2lf.pack_face_records(data_dir)
+    with recordio.PackReader(prefix) as pack:
+        jpeg = pack.jpeg(5).tobytes()
     offset = record_offsets(prefix)[5]
     with open(prefix + '.rec', 'r+b') as f:
-        f.seek(offset + 8 + 24)  # the JPEG after the record and image headers
-        f.write(b'\0' * 64)
-    train_iter = d2lf.FaceRecordIter(prefix, 6)
-    with pytest.raises(ValueError, match=r'record 5 cannot be decoded'):
+        data = f.read()
+        # Everything past the frame header, which the reader checks at
+        # open, up to the end marker: no Huffman tables, no scan to decode.
+        start = data.index(jpeg, offset) + jpeg.index(b'\xff\xc4')
+        f.seek(start)
+        f.write(b'\0' * (len(jpeg) - 2 - jpeg.index(b'\xff\xc4')))
+    train_iter = d2lf.FaceRecordIter(prefix, 6, shuffle=False)
+    with pytest.raises(ValueError, match=r'train\.rec: image 5 cannot be '
+                                         r'decoded'):
         list(train_iter)
-    with pytest.raises(ValueError, match=r'record 5 cannot be decoded'):
+    with pytest.raises(ValueError, match=r'image 5 cannot be decoded'):
         list(train_iter)  # the next epoch fails the same way, no hang
 
 
@@ -295,3 +242,301 @@ def test_record_split_around_the_magic_number(data_dir):
     expected = d2lf.read_face_image(path).transpose(2, 0, 1) / onp.float32(255)
     onp.testing.assert_array_equal(X[0].asnumpy(), expected)
     assert int(y[0]) == 0
+
+
+# Packs are fresh only when complete and current; others' packs are only read.
+
+def rec_inode(data_dir):
+    return os.stat(os.path.join(data_dir, 'train.rec')).st_ino
+
+
+def test_fresh_pack_is_reused(data_dir):
+    prefix = d2lf.pack_face_records(data_dir)
+    built = rec_inode(data_dir)
+    assert d2lf.pack_face_records(data_dir) == prefix
+    assert rec_inode(data_dir) == built
+
+
+def test_pack_is_rebuilt_when_an_image_changes(data_dir):
+    prefix = d2lf.pack_face_records(data_dir)
+    built = rec_inode(data_dir)
+    path, label = d2lf.list_facerec_images(data_dir)[7]
+    cv2.imwrite(path, onp.full((112, 112, 3), (10, 200, 30), onp.uint8))
+    d2lf.pack_face_records(data_dir)
+    assert rec_inode(data_dir) != built
+    train_iter = d2lf.FaceRecordIter(prefix, 1, shuffle=False, flip=False)
+    X, y = list(train_iter)[7]
+    expected = d2lf.read_face_image(path).transpose(2, 0, 1) / onp.float32(255)
+    onp.testing.assert_array_equal(X[0].asnumpy(), expected)
+    assert int(y[0]) == label
+
+
+@pytest.mark.parametrize('change', ['add image', 'remove image', 'property'])
+def test_pack_is_rebuilt_when_the_dataset_changes(data_dir, change):
+    d2lf.pack_face_records(data_dir)
+    built = rec_inode(data_dir)
+    folder = os.path.join(data_dir, '00000002')
+    if change == 'add image':
+        source = os.path.join(folder, sorted(os.listdir(folder))[0])
+        shutil.copy(source, os.path.join(folder, 'extra.jpg'))
+    elif change == 'remove image':
+        os.remove(os.path.join(folder, sorted(os.listdir(folder))[0]))
+    else:  # one identity fewer
+        with open(os.path.join(data_dir, 'property'), 'w') as f:
+            f.write(f'{NUM_CLASSES - 1},112,112\n')
+    d2lf.pack_face_records(data_dir)
+    assert rec_inode(data_dir) != built
+    items = d2lf.list_facerec_images(data_dir)
+    train_iter = d2lf.FaceRecordIter(os.path.join(data_dir, 'train'), 1)
+    assert len(train_iter) == len(items)
+
+
+@pytest.mark.parametrize('damage', ['no .idx', 'short .rec', 'no marker rec'])
+def test_incomplete_own_pack_is_rebuilt(data_dir, damage):
+    prefix = d2lf.pack_face_records(data_dir)
+    if damage == 'no .idx':
+        os.remove(prefix + '.idx')
+    elif damage == 'short .rec':
+        with open(prefix + '.rec', 'r+b') as f:
+            f.truncate(1000)
+    else:
+        os.remove(prefix + '.rec')
+    d2lf.pack_face_records(data_dir)
+    assert len(d2lf.FaceRecordIter(prefix, 1)) == NUM_CLASSES * PER_CLASS
+
+
+def marker_variants(good):
+    """Markers of the wrong shape, type or value, derived from a good one."""
+    yield 'not JSON', '{"format": '
+    yield 'a list', '[1, 2]'
+    yield 'building', '{"packing": true}'
+    for key in good:
+        yield f'without {key}', {k: v for k, v in good.items() if k != key}
+    yield 'extra key', dict(good, extra=1)
+    yield 'bool count', dict(good, num_records=True)
+    yield 'float count', dict(good, num_records=float(good['num_records']))
+    yield 'string count', dict(good, num_records=str(good['num_records']))
+    yield 'other count', dict(good, num_records=good['num_records'] - 1)
+    yield 'other version', dict(good, version=good['version'] + 1)
+    yield 'other sources', dict(good, sources='0' * 40)
+    yield 'other size', dict(good, rec_bytes=good['rec_bytes'] + 4)
+
+
+def test_a_marker_of_the_wrong_shape_is_never_fresh(data_dir):
+    import json
+    prefix = d2lf.pack_face_records(data_dir)
+    marker = prefix + '.d2l-pack.json'
+    with open(marker) as f:
+        good = json.load(f)
+    items = d2lf.list_facerec_images(data_dir)
+    sources = d2lf.facerec_fingerprint(data_dir, items)
+    assert d2lf.pack_is_fresh(prefix, len(items), sources)
+    for name, bad in marker_variants(good):
+        with open(marker, 'w') as f:
+            f.write(bad if isinstance(bad, str) else json.dumps(bad))
+        assert not d2lf.pack_is_fresh(prefix, len(items), sources), name
+    built = rec_inode(data_dir)
+    d2lf.pack_face_records(data_dir)  # ours (named marker), so rebuilt
+    assert rec_inode(data_dir) != built
+    assert d2lf.pack_is_fresh(prefix, len(items), sources)
+
+
+def test_an_image_replaced_while_packing_leaves_no_fresh_pack(data_dir,
+                                                              monkeypatch):
+    items = d2lf.list_facerec_images(data_dir)
+    victim = items[-1][0]
+    read = d2lf.read_face_jpeg
+
+    def read_and_replace(path, image_size=None):
+        data = read(path, image_size)
+        if path == items[3][0]:  # meanwhile, another program replaces one
+            with open(victim, 'rb') as f:
+                jpeg = f.read()
+            with open(victim + '.new', 'wb') as f:
+                f.write(jpeg + b'\0')
+            os.replace(victim + '.new', victim)
+        return data
+    monkeypatch.setattr(d2lf, 'read_face_jpeg', read_and_replace)
+    with pytest.raises(RuntimeError, match='changed while they were packed'):
+        d2lf.pack_face_records(data_dir)
+    names = os.listdir(data_dir)
+    assert 'train.rec' not in names and 'train.idx' not in names
+    assert not [n for n in names if 'tmp' in n]
+    monkeypatch.undo()
+    prefix = d2lf.pack_face_records(data_dir)  # the next run packs it
+    new_items = d2lf.list_facerec_images(data_dir)
+    assert d2lf.pack_is_fresh(prefix, len(new_items), d2lf.facerec_fingerprint(
+        data_dir, new_items))
+
+
+def test_packing_names_a_bad_image_and_leaves_no_pack(data_dir):
+    path = d2lf.list_facerec_images(data_dir)[11][0]
+    with open(path, 'rb') as f:
+        data = f.read()
+    with open(path, 'wb') as f:
+        f.write(data[:200])
+    with pytest.raises(ValueError, match=os.path.basename(path)):
+        d2lf.pack_face_records(data_dir)
+    names = os.listdir(data_dir)
+    assert 'train.rec' not in names and 'train.idx' not in names
+    assert not [n for n in names if 'tmp' in n]
+
+
+def test_a_full_disk_while_packing_still_cleans_up(data_dir, monkeypatch):
+    import errno
+    write_pack = recordio.write_pack
+
+    def fill_the_disk(prefix, records, **kwargs):
+        def some_then_full():
+            for i, record in enumerate(records):
+                if i == 7:
+                    raise OSError(errno.ENOSPC, 'No space left on device')
+                yield record
+        return write_pack(prefix, some_then_full(), **kwargs)
+    monkeypatch.setattr(recordio, 'write_pack', fill_the_disk)
+    with pytest.raises(OSError, match='No space left'):
+        d2lf.pack_face_records(data_dir)
+    names = os.listdir(data_dir)
+    assert 'train.rec' not in names and 'train.idx' not in names
+    assert not [n for n in names if 'tmp' in n]
+
+
+def dead_pid():
+    """The id of a process that has ended."""
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, '-c', 'pass'])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporary_files_of_dead_packers_are_removed(data_dir):
+    import socket
+    dead = d2lf.pack_tmp_prefix(data_dir, 'train', pid=dead_pid())
+    alive = d2lf.pack_tmp_prefix(data_dir, 'train', pid=os.getppid())
+    elsewhere = os.path.join(data_dir, f'train.d2l-tmp.not-'
+                             f'{socket.gethostname()}.{dead_pid()}')
+    others = [os.path.join(data_dir, 'train.d2l-tmp.notes.txt'),
+              os.path.join(data_dir, 'mine.rec')]
+    for path in [dead + '.rec', dead + '.idx', alive + '.rec',
+                 elsewhere + '.rec'] + others:
+        with open(path, 'wb') as f:
+            f.write(b'partial')
+    d2lf.pack_face_records(data_dir)
+    assert not os.path.exists(dead + '.rec')
+    assert not os.path.exists(dead + '.idx')
+    for path in [alive + '.rec', elsewhere + '.rec'] + others:
+        assert os.path.exists(path), path
+
+
+@pytest.mark.parametrize('umask', [0o002, 0o027])
+def test_pack_files_get_the_users_umask(data_dir, umask):
+    old = os.umask(umask)
+    try:
+        d2lf.pack_face_records(data_dir)
+    finally:
+        os.umask(old)
+    for name in ('train.rec', 'train.idx', 'train.d2l-pack.json'):
+        mode = os.stat(os.path.join(data_dir, name)).st_mode & 0o777
+        assert mode == 0o666 & ~umask, (name, oct(mode))
+
+
+def foreign_pack_dir(data_dir, tmp_path, layout, label_vector=False,
+                     with_folders=False):
+    """A folder holding a pack that d2l_face did not make, and property."""
+    folder = tmp_path / f'foreign-{layout}-{label_vector}'
+    if with_folders:
+        shutil.copytree(data_dir, folder)
+    else:
+        folder.mkdir()
+        shutil.copy(os.path.join(data_dir, 'property'), folder)
+    items = d2lf.list_facerec_images(data_dir)
+    recordio.write_pack(str(folder / 'train'),
+                        ((label, open(path, 'rb').read())
+                         for path, label in items),
+                        layout=layout, label_vector=label_vector)
+    return str(folder), items
+
+
+@pytest.mark.parametrize('layout, label_vector', [
+    ('insightface', False), ('insightface', True), ('flat', False),
+    ('flat', True)])
+def test_foreign_packs_read_back_exactly(data_dir, tmp_path, layout,
+                                         label_vector):
+    folder, items = foreign_pack_dir(data_dir, tmp_path, layout, label_vector)
+    train_iter, _ = d2lf.load_data_facerec(folder, [], 4)
+    assert train_iter.pack.layout == layout
+    assert train_iter.num_classes == NUM_CLASSES
+    assert len(train_iter) == len(items) // 4  # no header or id records
+    ordered = d2lf.FaceRecordIter(os.path.join(folder, 'train'), 1,
+                                  shuffle=False, flip=False)
+    for (X, y), (path, label) in zip(ordered, items):
+        expected = d2lf.read_face_image(path).transpose(2, 0, 1) / 255
+        onp.testing.assert_array_equal(X[0].asnumpy(),
+                                       expected.astype(onp.float32))
+        assert int(y[0]) == label
+    # The same shuffled, flipped batches as the chapter's own packs.
+    expected = per_file_images(data_dir)
+    for X, y in epoch(train_iter):
+        for x, label in zip(X, y):
+            key = x.tobytes()
+            if key not in expected:
+                key = onp.ascontiguousarray(x[:, :, ::-1]).tobytes()
+            assert expected[key] == label
+    assert sorted(os.listdir(folder)) == ['property', 'train.idx',
+                                          'train.rec']
+
+
+def test_foreign_pack_without_property(data_dir, tmp_path):
+    folder, items = foreign_pack_dir(data_dir, tmp_path, 'insightface')
+    os.remove(os.path.join(folder, 'property'))
+    train_iter, _ = d2lf.load_data_facerec(folder, [], 4)
+    assert train_iter.num_classes == NUM_CLASSES
+    assert train_iter.image_size == (112, 112)
+
+
+@pytest.mark.parametrize('cut', ['half', 'inside the header record'])
+def test_truncated_foreign_pack_is_refused_by_name(data_dir, tmp_path, cut):
+    folder, _ = foreign_pack_dir(data_dir, tmp_path, 'insightface')
+    rec = os.path.join(folder, 'train.rec')
+    offsets = dict(recordio.read_index(os.path.join(folder, 'train.idx')))
+    size = (os.path.getsize(rec) // 2 if cut == 'half' else offsets[0] + 12)
+    with open(rec, 'r+b') as f:
+        f.truncate(size)
+    pattern = (r'train\.rec' if cut == 'half' else
+               rf'train\.rec: record 0 at byte {offsets[0]}')
+    with pytest.raises(recordio.PackError, match=pattern) as error:
+        d2lf.load_data_facerec(folder, [], 4)
+    assert 'delete' not in str(error.value)
+    assert os.path.getsize(rec) == size  # still there, untouched
+
+
+def test_a_foreign_pack_is_never_replaced(data_dir, tmp_path, capsys):
+    folder, _ = foreign_pack_dir(data_dir, tmp_path, 'flat', with_folders=True)
+    # Make the folders disagree with the pack: a packer would rebuild.
+    first = d2lf.list_facerec_images(folder)[0][0]
+    cv2.imwrite(first, onp.zeros((112, 112, 3), onp.uint8))
+    files = {n: open(os.path.join(folder, n), 'rb').read()
+             for n in ('train.rec', 'train.idx')}
+    with pytest.raises(FileExistsError, match='not made by d2l_face') as e:
+        d2lf.pack_face_records(folder)
+    assert 'delete' not in str(e.value).lower()
+    train_iter, _ = d2lf.load_data_facerec(folder, [], 4)
+    assert 'NOTICE' in capsys.readouterr().out
+    assert len(train_iter) == NUM_CLASSES * PER_CLASS // 4
+    for name, data in files.items():
+        assert open(os.path.join(folder, name), 'rb').read() == data
+    assert 'train.d2l-pack.json' not in os.listdir(folder)
+
+
+def test_write_insightface_pack(data_dir, tmp_path):
+    out = str(tmp_path / 'insightface')
+    d2lf.write_insightface_pack(data_dir, out, num_classes=2)
+    assert sorted(os.listdir(out)) == ['property', 'train.idx', 'train.rec']
+    assert d2lf.read_facerec_meta(out) == ((112, 112), 2)
+    keys = [key for key, _ in recordio.read_index(os.path.join(out,
+                                                                'train.idx'))]
+    # images 1..10, identity records 11 and 12, the header (key 0) last
+    assert keys == list(range(1, 2 * PER_CLASS + 3)) + [0]
+    with pytest.raises(FileExistsError, match='already holds a pack'):
+        d2lf.write_insightface_pack(data_dir, out)
