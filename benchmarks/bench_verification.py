@@ -116,7 +116,8 @@ def main():
         if key in ms:
             print(f'  {names[key]:46s} {spread(ms[key])} ms')
     acc_a, thr_a = loop_verification(emb[0], emb[1], issame)
-    print(f'  (a) accuracy {acc_a.mean():.4f} +- {acc_a.std():.4f}; '
+    print(f'  (a) accuracy {acc_a.mean():.4f}, std over folds '
+          f'{acc_a.std():.4f}; '
           f'thresholds (squared distance) {onp.round(thr_a, 2).tolist()}')
     a, a_search = median(ms['a']), median(ms['a search'])
     if 'b' not in cases:
@@ -134,7 +135,8 @@ def main():
                        for f, t in zip(folds, thr_b)])
     same = (index_a == index_b and onp.array_equal(acc_a, acc_b) and
             mean_b == acc_a.mean() and std_b == acc_a.std())
-    print(f'  (b) accuracy {mean_b:.4f} +- {std_b:.4f}; thresholds (as '
+    print(f'  (b) accuracy {mean_b:.4f}, std over folds {std_b:.4f}; '
+          f'thresholds (as '
           f'squared distance 2 - 2t) '
           f'{onp.round(THRESHOLDS[index_b], 2).tolist()}')
     print(f'  same grid point chosen in every fold: {index_a == index_b}; '
