@@ -1,67 +1,30 @@
 """Figure 4: training throughput of the chapter's CPU configuration, images/s.
 
-One step is forward, backward and update of d2lf.face_resnet(...) with
-d2lf.MarginLogits(...) (ArcFace margin) under softmax cross-entropy and SGD,
-on a fixed batch of stand-in faces from the project's loader, waited for
-with npx.waitall(). The configuration is the one section 3 uses on a CPU,
-read from its code (see chapter_config); there is no baseline or target,
-the figure is reported for reference.
+One step is d2lf.train_face_step, the training step of section 3: forward,
+backward and update of d2lf.face_resnet(...) with d2lf.MarginLogits(...)
+under softmax cross-entropy and SGD (d2lf.facerec_trainer), on a fixed batch
+of stand-in faces from the project's loader, waited for with npx.waitall().
+The configuration is d2lf.CPU_CONFIG, the one section 3 trains with on a
+CPU; there is no baseline or target, the figure is reported for reference.
 """
 import argparse
-import inspect
-import os
-import re
-import types
 
 import _common
 from _common import emit, median, rates, round_robin, spread
 
-import mxnet as mx
-from mxnet import autograd, gluon, init, npx
+from mxnet import gluon, init, npx
 
 from d2l_face import mxnet as d2lf
 
 npx.set_np()
 
-# Used when the chapter's training section does not define a configuration.
-FALLBACK = dict(depth=18, width=0.25, embedding_size=128, batch_size=64,
-                hybridize=True, s=64.0, m1=1.0, m2=0.5, m3=0.0, lr=0.1,
-                momentum=0.9, wd=5e-4)
-TRAINING_MD = os.path.join(_common.REPO, 'chapter_face_recognition',
-                           'training.md')
 
-
-def chapter_config():
-    """Return (config, where it came from), asking the chapter's code.
-
-    Section 3 (training.md) chooses its configuration in a cell that tests
-    d2l.num_gpus(); we run that cell as if there were no GPU. Momentum and
-    weight decay are the defaults of d2lf.train_face_rec."""
-    try:
-        with open(TRAINING_MD) as f:
-            cells = re.findall(r'```\{\.python \.input\}\n(.*?)```', f.read(),
-                               re.S)
-        cell = next(c for c in cells if 'num_gpus()' in c and 'width' in c)
-        no_gpu = types.SimpleNamespace(num_gpus=lambda: 0,
-                                       try_all_gpus=lambda: [mx.cpu()])
-        names = {'d2l': no_gpu, 'd2lf': d2lf, 'print': lambda *a, **k: None,
-                 'all_devices': lambda: [mx.cpu()]}
-        exec(cell, names)
-        defaults = inspect.signature(d2lf.train_face_rec).parameters
-        cfg = {k: names[k] for k in ('depth', 'width', 'embedding_size',
-                                     'batch_size', 'lr', 's', 'm1', 'm2',
-                                     'm3')}
-        cfg.update(hybridize='.hybridize()' in ''.join(cells),
-                   momentum=defaults['momentum'].default,
-                   wd=defaults['wd'].default)
-        where = 'training.md (CPU branch)'
-    except Exception as e:  # no such section or cell (yet)
-        cfg, where = dict(FALLBACK), f'fallback ({type(e).__name__}: {e})'
-    return cfg, (f'{where}: depth {cfg["depth"]}, width {cfg["width"]}, '
-                 f'embedding {cfg["embedding_size"]}, batch '
-                 f'{cfg["batch_size"]}, s {cfg["s"]}, margins '
-                 f'({cfg["m1"]}, {cfg["m2"]}, {cfg["m3"]}), '
-                 f'{"hybridized" if cfg["hybridize"] else "imperative"}')
+def describe(cfg):
+    """The configuration in one line."""
+    return (f'd2lf.CPU_CONFIG: depth {cfg["depth"]}, width {cfg["width"]}, '
+            f'embedding {cfg["embedding_size"]}, batch '
+            f'{cfg["batch_per_device"]}, s {cfg["s"]}, {cfg["margin"]} '
+            f'margin {d2lf.MARGIN_SETTINGS[cfg["margin"]]}, hybridized')
 
 
 def main():
@@ -70,47 +33,44 @@ def main():
     parser.add_argument('--steps', type=int, default=8,
                         help='training steps per timed run')
     args = parser.parse_args()
-    cfg, where = chapter_config()
+    cfg, devices = d2lf.CPU_CONFIG, [npx.cpu()]
     data_dir = _common.dataset_dir()
     _, num_classes = d2lf.read_facerec_meta(data_dir)
-    train_iter, _ = d2lf.load_data_face_rec(data_dir, (), cfg['batch_size'])
+    train_iter, _ = d2lf.load_data_facerec(data_dir, (),
+                                           cfg['batch_per_device'])
     X, y = next(iter(train_iter))
     X = X.copy()  # keep the batch; the loader may reuse its memory
 
     net = d2lf.face_resnet(cfg['depth'], cfg['width'], cfg['embedding_size'])
-    head = d2lf.MarginLogits(num_classes, cfg['embedding_size'], cfg['s'],
-                             cfg['m1'], cfg['m2'], cfg['m3'])
-    net.initialize(init.Xavier())
-    head.initialize()
-    if cfg['hybridize']:
-        net.hybridize()
+    margin = d2lf.MarginLogits(num_classes, cfg['embedding_size'], cfg['s'],
+                               *d2lf.MARGIN_SETTINGS[cfg['margin']])
+    net.initialize(init.Xavier(), ctx=devices)
+    margin.initialize(ctx=devices)
+    net.hybridize()  # as section 3 does
     loss = gluon.loss.SoftmaxCrossEntropyLoss()
-    params = dict(net.collect_params())
-    params.update(head.collect_params())
-    trainer = gluon.Trainer(params, 'sgd', {
-        'learning_rate': cfg['lr'], 'momentum': cfg['momentum'],
-        'wd': cfg['wd']})
-    print(f'configuration from {where}; {num_classes} classes; '
+    # the schedule spans every step we time, and the warm-up round before
+    num_steps = (args.repeats + 1) * args.steps
+    trainer = d2lf.facerec_trainer(net, margin, num_steps, cfg['lr'],
+                                   cfg['wd'], cfg['momentum'],
+                                   min(cfg['warmup_steps'], num_steps - 1))
+    print(f'configuration {describe(cfg)}; {num_classes} classes; '
           f'{args.steps} steps per run, {args.repeats} rounds; '
           f'load {_common.load()}')
 
     def train_steps():
         for _ in range(args.steps):
-            with autograd.record():
-                l = loss(head(net(X), y), y)
-            l.backward()
-            trainer.step(X.shape[0])
+            d2lf.train_face_step(net, margin, loss, trainer, X, y, devices)
         npx.waitall()
         return args.steps * X.shape[0]
 
     runs = round_robin({'train': train_steps}, repeats=args.repeats)
     speed = median(rates(runs['train']))
-    print(f'  forward+backward+update            '
+    print(f'  d2lf.train_face_step              '
           f'{spread(rates(runs["train"]))} images/s')
     print(f'  load after: {_common.load()}')
     emit(figure='4. training (images/s)', value=speed, unit='img/s',
          baselines={}, ratio='-', target='(reported)', met=None,
-         config=where)
+         config=describe(cfg))
 
 
 if __name__ == '__main__':

@@ -1,10 +1,10 @@
 """Figure 3: verification scoring of 6,000 pairs of 512-d embeddings.
 
 (a) the loop of InsightFace's original LFW-style evaluation, written here
-    from its description: squared L2 distances of normalised embeddings,
+    from its description: squared L2 distances of normalized embeddings,
     thresholds np.arange(0, 4, 0.01), 10 folds of consecutive pairs; for each
     fold, the accuracy of every threshold on the other nine folds (one
-    vectorised pass over the pairs per threshold, counting true and false
+    vectorized pass over the pairs per threshold, counting true and false
     positives and negatives as the original does), the first best
     threshold, then its accuracy on the fold (the original's ROC curve and
     VAL@FAR, which need further loops, are left out);
@@ -32,7 +32,7 @@ THRESHOLDS = onp.arange(0, 4, 0.01)
 
 
 def synthetic_pairs(num_pairs=6000, dim=512, noise=3.5, seed=0):
-    """Normalised embeddings (2, num_pairs, dim) and issame (num_pairs,)."""
+    """Normalized embeddings (2, num_pairs, dim) and issame (num_pairs,)."""
     rng = onp.random.default_rng(seed)
     issame = rng.uniform(size=num_pairs) < 0.5
     base = rng.normal(size=(num_pairs, dim))
@@ -47,7 +47,7 @@ def rates_at(threshold, dist, issame):
     """(tpr, fpr, accuracy) when 'same' means dist < threshold.
 
     Like the original, each call counts all four outcomes (it also serves
-    the ROC curve), in one vectorised pass over the pairs."""
+    the ROC curve), in one vectorized pass over the pairs."""
     predict = onp.less(dist, threshold)
     true_pos = onp.sum(onp.logical_and(predict, issame))
     false_pos = onp.sum(onp.logical_and(predict, onp.logical_not(issame)))
@@ -109,14 +109,15 @@ def main():
                         for k, f in cases.items()}, repeats=args.repeats)
     ms = {k: [r['wall'] * 1e3 for r in v] for k, v in runs.items()}
     names = {'a': '(a) from embeddings: distances + loop',
-             'b': '(b) from embeddings: pair_scores + vectorised',
+             'b': '(b) from embeddings: pair_scores + vectorized',
              'a search': '(a) threshold search only (given distances)',
              'b search': '(b) threshold search only (given scores)'}
     for key in ('a', 'b', 'a search', 'b search'):
         if key in ms:
             print(f'  {names[key]:46s} {spread(ms[key])} ms')
     acc_a, thr_a = loop_verification(emb[0], emb[1], issame)
-    print(f'  (a) accuracy {acc_a.mean():.4f} +- {acc_a.std():.4f}; '
+    print(f'  (a) accuracy {acc_a.mean():.4f}, std over folds '
+          f'{acc_a.std():.4f}; '
           f'thresholds (squared distance) {onp.round(thr_a, 2).tolist()}')
     a, a_search = median(ms['a']), median(ms['a search'])
     if 'b' not in cases:
@@ -134,7 +135,8 @@ def main():
                        for f, t in zip(folds, thr_b)])
     same = (index_a == index_b and onp.array_equal(acc_a, acc_b) and
             mean_b == acc_a.mean() and std_b == acc_a.std())
-    print(f'  (b) accuracy {mean_b:.4f} +- {std_b:.4f}; thresholds (as '
+    print(f'  (b) accuracy {mean_b:.4f}, std over folds {std_b:.4f}; '
+          f'thresholds (as '
           f'squared distance 2 - 2t) '
           f'{onp.round(THRESHOLDS[index_b], 2).tolist()}')
     print(f'  same grid point chosen in every fold: {index_a == index_b}; '

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import socket
 import time
 import weakref
@@ -740,18 +741,25 @@ def all_devices():
     Defined in :numref:`sec_facerecognition_training`"""
     return [npx.gpu(i) for i in range(npx.num_gpus())] or [npx.cpu()]
 
-def embed_pairs(net, images, batch_size=256, ctx=None):
+def embed_pairs(net, images, batch_size=256, devices=None):
     """Unit-length sums of the embeddings of images[0] and images[1].
 
     Defined in :numref:`sec_facerecognition_training`"""
-    ctx = ctx or all_devices()[0]
+    devices = devices or all_devices()
+    if images.ndim != 5 or images.shape[0] != 2 or images.shape[1] == 0:
+        raise ValueError(f'expected images of shape (2, n, 3, h, w) with '
+                         f'n > 0, not {images.shape}')
     chunks = []
     for i in range(0, images.shape[1], batch_size):
         total = 0
         for copy in images[:, i:i + batch_size]:  # as it is, then flipped
-            X = np.array(copy, ctx=ctx).astype('float32') / 255
-            total = total + net(X)
-        chunks.append(total.asnumpy())
+            X = np.array(copy).astype('float32') / 255
+            # a part for each device; fewer parts than devices at the end
+            parts = gluon.utils.split_and_load(
+                X, devices[:len(X)], even_split=False)
+            total = total + onp.concatenate(
+                [net(part).asnumpy() for part in parts])
+        chunks.append(total)
     embeddings = onp.concatenate(chunks).astype(onp.float64)
     return embeddings / onp.linalg.norm(embeddings, axis=1, keepdims=True)
 
@@ -759,12 +767,35 @@ def pair_scores(embeddings):
     """Cosine similarity of the two unit embeddings of each pair.
 
     Defined in :numref:`sec_facerecognition_training`"""
+    embeddings = onp.asarray(embeddings)
+    if embeddings.ndim != 2 or len(embeddings) % 2:
+        raise ValueError(f'expected two embeddings per pair, in rows, not '
+                         f'an array of shape {embeddings.shape}')
     return (embeddings[0::2] * embeddings[1::2]).sum(axis=1)
 
+def check_pairs(scores, issame, num_folds=1):
+    """Scores (float64) and labels (bool) of pairs, checked to fit.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    scores, issame = onp.asarray(scores, onp.float64), onp.asarray(issame)
+    if scores.ndim != 1 or issame.shape != scores.shape:
+        raise ValueError(f'expected one score and one label per pair, not '
+                         f'shapes {scores.shape} and {issame.shape}')
+    if len(scores) < max(num_folds, 1):
+        raise ValueError(f'{len(scores)} pairs are too few for '
+                         f'{max(num_folds, 1)} fold(s)')
+    if not onp.isfinite(scores).all():
+        bad = onp.flatnonzero(~onp.isfinite(scores))
+        raise ValueError(f'{len(bad)} scores are NaN or infinite, the first '
+                         f'of pair {bad[0]}: is an embedding all zeros?')
+    if not onp.isin(issame, (0, 1)).all():
+        raise ValueError('labels must be True/False or 1/0')
+    return scores, issame.astype(bool)
+
 def count_accepts_sorted(descending, same, thresholds):
-    """Defined in :numref:`sec_facerecognition_training`"""
-    """True and false accepts (score > threshold) for each threshold, given
-    the scores sorted from high to low and the labels in the same order."""
+    """True and false accepts (score > threshold) of sorted scores.
+
+    Defined in :numref:`sec_facerecognition_training`"""
     same_in_top = onp.concatenate([[0], onp.cumsum(same)])
     # k[i]: how many scores lie strictly above thresholds[i]
     k = onp.searchsorted(-descending, -onp.asarray(thresholds), side='left')
@@ -774,15 +805,17 @@ def count_accepts(scores, issame, thresholds):
     """True and false accepts (score > threshold) for each threshold.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    scores, issame = onp.asarray(scores), onp.asarray(issame, bool)
+    scores, issame = check_pairs(scores, issame)
     order = onp.argsort(-scores, kind='stable')
     return count_accepts_sorted(scores[order], issame[order], thresholds)
 
 def candidate_thresholds(scores, is_sorted=False):
-    """Defined in :numref:`sec_facerecognition_training`"""
     """One threshold per distinct decision, from accept none to accept all.
-    Pass is_sorted=True for scores already sorted from high to low."""
-    scores = onp.asarray(scores)
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    scores = onp.asarray(scores, onp.float64)
+    if scores.size == 0 or not onp.isfinite(scores).all():
+        raise ValueError('need at least one score, and no NaN or infinity')
     descending = scores if is_sorted else onp.sort(scores)[::-1]
     values = descending[onp.concatenate([[True],
                                          descending[1:] != descending[:-1]])]
@@ -790,9 +823,9 @@ def candidate_thresholds(scores, is_sorted=False):
                             [onp.nextafter(values[-1], -onp.inf)]])
 
 def best_threshold_sorted(descending, same, thresholds=None):
-    """Defined in :numref:`sec_facerecognition_training`"""
-    """The most accurate threshold (the first on ties) and its accuracy, for
-    scores sorted from high to low and their labels in the same order."""
+    """The most accurate threshold (the first on ties) for sorted scores.
+
+    Defined in :numref:`sec_facerecognition_training`"""
     if thresholds is None:
         thresholds = candidate_thresholds(descending, is_sorted=True)
     true_accepts, false_accepts = count_accepts_sorted(descending, same,
@@ -805,7 +838,7 @@ def best_threshold(scores, issame, thresholds=None):
     """The most accurate threshold (the first on ties) and its accuracy.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    scores, issame = onp.asarray(scores), onp.asarray(issame, bool)
+    scores, issame = check_pairs(scores, issame)
     order = onp.argsort(-scores, kind='stable')
     return best_threshold_sorted(scores[order], issame[order], thresholds)
 
@@ -813,6 +846,9 @@ def kfold_splits(num_pairs, num_folds=10):
     """Indices of the test pairs of each fold: contiguous, sizes within 1.
 
     Defined in :numref:`sec_facerecognition_training`"""
+    if num_folds < 2 or num_pairs < num_folds:
+        raise ValueError(f'need 2 or more folds, and at least one pair per '
+                         f'fold: {num_pairs} pairs, {num_folds} folds')
     return onp.array_split(onp.arange(num_pairs), num_folds)
 
 def kfold_train_test(num_pairs, num_folds=10):
@@ -828,8 +864,7 @@ def verification_accuracy(scores, issame, num_folds=10, thresholds=None):
     """k-fold verification accuracy: mean, std and each fold's threshold.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    scores = onp.asarray(scores, onp.float64)
-    issame = onp.asarray(issame, bool)
+    scores, issame = check_pairs(scores, issame, num_folds)
     # Sort once for all folds: dropping a fold from a sorted list keeps the
     # rest sorted, so each fold only needs a mask, not a sort of its own.
     order = onp.argsort(-scores, kind='stable')
@@ -843,11 +878,19 @@ def verification_accuracy(scores, issame, num_folds=10, thresholds=None):
     return (onp.mean(accuracies), onp.std(accuracies),
             onp.array(fold_thresholds))
 
+def standard_error(std, num_folds=10):
+    """LFW's standard error of the mean, from the std over folds (np.std).
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    return std / onp.sqrt(num_folds - 1)
+
 def far_threshold(scores, issame, far=1e-3):
     """Lowest threshold that accepts at most a fraction `far` of impostors.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    scores, issame = onp.asarray(scores), onp.asarray(issame, bool)
+    scores, issame = check_pairs(scores, issame)
+    if not 0 <= far <= 1:
+        raise ValueError(f'far must lie between 0 and 1, not {far}')
     different = onp.sort(scores[~issame])[::-1]
     allowed = int(onp.floor(far * len(different) + 1e-9))
     if allowed >= len(different):
@@ -858,8 +901,9 @@ def val_at_far(scores, issame, far=1e-3, num_folds=10):
     """k-fold VAL at a target FAR: mean and std of VAL, mean of FAR.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    scores = onp.asarray(scores, onp.float64)
-    issame = onp.asarray(issame, bool)
+    scores, issame = check_pairs(scores, issame, num_folds)
+    if issame.all() or not issame.any():
+        raise ValueError('VAL and FAR need both same and different pairs')
     vals, fars = [], []
     for train, test in kfold_train_test(len(scores), num_folds):
         t = far_threshold(scores[train], issame[train], far)
@@ -874,7 +918,9 @@ def roc_curve(scores, issame):
     """False and true accept rates at every distinct threshold.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    scores, issame = onp.asarray(scores), onp.asarray(issame, bool)
+    scores, issame = check_pairs(scores, issame)
+    if issame.all() or not issame.any():
+        raise ValueError('a ROC curve needs both same and different pairs')
     true_accepts, false_accepts = count_accepts(
         scores, issame, candidate_thresholds(scores))
     return (false_accepts / (~issame).sum(), true_accepts / issame.sum())
@@ -899,7 +945,7 @@ def plot_score_histogram(scores, issame, threshold=None, figsize=(4.5, 3)):
     """Histograms of the scores of same and of different pairs.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    scores, issame = onp.asarray(scores), onp.asarray(issame, bool)
+    scores, issame = check_pairs(scores, issame)
     d2l.use_svg_display()
     _, ax = d2l.plt.subplots(figsize=figsize)
     bins = onp.linspace(scores.min(), scores.max(), 40)
@@ -911,18 +957,20 @@ def plot_score_histogram(scores, issame, threshold=None, figsize=(4.5, 3)):
     ax.set_ylabel('pairs')
     ax.legend()
 
-def evaluate_verification(net, val_set, batch_size=256, ctx=None,
-                          far=1e-3, num_folds=10):
+def evaluate_verification(net, verification_set, batch_size=256,
+                          devices=None, far=1e-3, num_folds=10):
     """Verification accuracy and VAL at FAR of `net` on one .bin set.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    images, issame = val_set
-    scores = pair_scores(embed_pairs(net, images, batch_size, ctx))
+    images, issame = verification_set
+    scores = pair_scores(embed_pairs(net, images, batch_size, devices))
     acc, acc_std, thresholds = verification_accuracy(scores, issame,
                                                      num_folds)
     val, val_std, far_measured = val_at_far(scores, issame, far, num_folds)
-    return {'acc': acc, 'acc_std': acc_std, 'threshold': thresholds.mean(),
-            'val': val, 'val_std': val_std, 'far': far_measured}
+    return {'acc': acc, 'acc_std': acc_std,
+            'acc_se': standard_error(acc_std, num_folds),
+            'threshold': thresholds.mean(), 'val': val, 'val_std': val_std,
+            'far': far_measured}
 
 class TrainingBoard:
     """Live plot: training loss on the left, accuracies on the right."""
@@ -962,7 +1010,8 @@ class TrainingBoard:
         display.display(self.fig)
         d2l.plt.close(self.fig)
 
-def train_face_step(net, margin, loss, trainer, X, y, devices):
+def train_face_step(net, margin, loss, trainer, X, y, devices,
+                    batch_size=None):
     """One SGD step on a batch split among devices: (loss sum, # correct).
 
     Defined in :numref:`sec_facerecognition_training`"""
@@ -973,69 +1022,135 @@ def train_face_step(net, margin, loss, trainer, X, y, devices):
         losses = [loss(l, y_i) for l, y_i in zip(logits, ys)]
     for l in losses:
         l.backward()
-    trainer.step(X.shape[0])
+    trainer.step(batch_size or X.shape[0])
     correct = sum(float((l.argmax(axis=1).astype('int64') ==
                          y_i.astype('int64')).sum())
                   for l, y_i in zip(logits, ys))
     return sum(float(l.sum()) for l in losses), correct
 
-def train_face_rec(net, margin, train_iter, val_sets, num_steps, lr,
-                   wd=5e-4, momentum=0.9, warmup_steps=0, eval_every=100,
-                   log_every=10, devices=None, plot=True):
+def facerec_trainer(net, margin, num_steps, lr, wd=5e-4, momentum=0.9,
+                    warmup_steps=0, kvstore='device'):
+    """SGD with momentum and weight decay, its learning rate on a cosine.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    schedule = mx.lr_scheduler.CosineScheduler(
+        int(num_steps), lr, final_lr=0, warmup_steps=warmup_steps)
+    params = (list(net.collect_params().values()) +
+              list(margin.collect_params().values()))
+    return gluon.Trainer(params, 'sgd', {
+        'learning_rate': lr, 'momentum': momentum, 'wd': wd,
+        'lr_scheduler': schedule}, kvstore=kvstore)
+
+def describe_batches(train_iter):
+    """How many images in batches of what size, where the iterator says.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    labels = getattr(train_iter, 'labels', None)  # as FaceRecordIter has
+    batch_size = getattr(train_iter, 'batch_size', None)
+    if labels is None or batch_size is None:
+        size = len(train_iter) if hasattr(train_iter, '__len__') else '?'
+        return f'{type(train_iter).__name__} of length {size}'
+    return (f'{len(labels)} images in batches of {batch_size}, the last '
+            f'incomplete batch dropped')
+
+def check_train_input(train_iter, num_steps, eval_every=1, log_every=1):
+    """Refuse counts below 1, and training data without a single batch.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    for name, value in [('num_steps', num_steps), ('eval_every', eval_every),
+                        ('log_every', log_every)]:
+        if not value >= 1 or int(value) != value:
+            raise ValueError(f'{name} must be a whole number of at least 1, '
+                             f'not {value!r}')
+    if len(train_iter) == 0:
+        raise ValueError(f'the training data yields no batch: '
+                         f'{describe_batches(train_iter)}')
+
+def facerec_batches(train_iter, num_steps):
+    """Yield num_steps batches, going through train_iter as often as needed.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    step = 0
+    while True:
+        empty = True
+        for X, y in train_iter:
+            empty, step = False, step + 1
+            yield X, y
+            if step == num_steps:
+                return
+        if empty:
+            raise ValueError(f'a pass over the training data yielded no '
+                             f'batch, after step {step}: '
+                             f'{describe_batches(train_iter)}')
+
+def training_status(step, num_steps, history, images_per_sec):
+    """One line: the step, the latest value of each curve, the speed.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    latest = ', '.join(f'{name} {points[-1][1]:.3f}'
+                       for name, points in history.items())
+    return (f'step {step}/{num_steps}: {latest}, '
+            f'{images_per_sec:.1f} images/sec')
+
+def train_facerec(net, margin, train_iter, verification_sets, num_steps, lr,
+                  wd=5e-4, momentum=0.9, warmup_steps=0, eval_every=100,
+                  log_every=10, devices=None, plot=True):
     """Train a face embedding network with margin logits, on all devices.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    devices = devices or all_devices()
+    check_train_input(train_iter, num_steps, eval_every, log_every)
+    devices, steps_per_epoch = devices or all_devices(), len(train_iter)
     for block in (net, margin):
         block.collect_params().reset_ctx(devices)
-    schedule = mx.lr_scheduler.CosineScheduler(
-        num_steps, lr, final_lr=0, warmup_steps=warmup_steps)
-    trainer = gluon.Trainer(
-        list(net.collect_params().values()) +
-        list(margin.collect_params().values()), 'sgd',
-        {'learning_rate': lr, 'momentum': momentum, 'wd': wd,
-         'lr_scheduler': schedule})
+    trainer = facerec_trainer(net, margin, num_steps, lr, wd, momentum,
+                              warmup_steps)
     loss = gluon.loss.SoftmaxCrossEntropyLoss()
-    steps_per_epoch = len(train_iter)
     board = TrainingBoard([0, num_steps / steps_per_epoch]) if plot else None
-    history = collections.defaultdict(list)
-    metric, timer, step = d2l.Accumulator(3), d2l.Timer(), 0
-    seen = 0  # images trained on, for the speed
-    while step < num_steps:
-        for X, y in train_iter:
-            timer.start()
-            metric.add(*train_face_step(net, margin, loss, trainer, X, y,
-                                        devices), X.shape[0])
-            timer.stop()
-            step, seen = step + 1, seen + X.shape[0]
-            values = {}
-            if step % log_every == 0 or step == num_steps:
-                values['train loss'] = metric[0] / metric[2]
-                values['train acc'] = metric[1] / metric[2]
-                metric.reset()
-            if step % eval_every == 0 or step == num_steps:
-                for name, val_set in val_sets.items():
-                    values[name] = evaluate_verification(
-                        net, val_set, ctx=devices[0])['acc']
-            for name, value in values.items():
-                history[name].append((step / steps_per_epoch, value))
-            if values:
-                status = (f'step {step}/{num_steps}: ' + ', '.join(
-                    f'{name} {points[-1][1]:.3f}'
-                    for name, points in history.items()) +
-                    f', {seen / timer.sum():.1f} images/sec')
-                if board:
-                    board.add(step / steps_per_epoch, values, status)
-            if step == num_steps:
-                break
+    history, metric = collections.defaultdict(list), d2l.Accumulator(3)
+    timer, seen = d2l.Timer(), 0  # seen: images trained on, for the speed
+    for step, (X, y) in enumerate(facerec_batches(train_iter, num_steps), 1):
+        timer.start()
+        metric.add(*train_face_step(net, margin, loss, trainer, X, y,
+                                    devices), X.shape[0])
+        timer.stop()
+        seen, values = seen + X.shape[0], {}
+        if step % log_every == 0 or step == num_steps:
+            values['train loss'] = metric[0] / metric[2]
+            values['train acc'] = metric[1] / metric[2]
+            metric.reset()
+        if step % eval_every == 0 or step == num_steps:
+            for name, verification_set in verification_sets.items():
+                values[name] = evaluate_verification(
+                    net, verification_set, devices=devices)['acc']
+        for name, value in values.items():
+            history[name].append((step / steps_per_epoch, value))
+        status = training_status(step, num_steps, history,
+                                 seen / timer.sum())
+        if board and values:
+            board.add(step / steps_per_epoch, values, status)
     if board:
         board.finish()
-    print(status)
-    print(f'{seen / timer.sum():.1f} images/sec on {devices}, '
-          f'{timer.sum():.1f} sec of training steps')
+    print(f'{status}\non {devices}: {timer.sum():.1f} sec of training steps')
     return dict(history)
 
-def embed_face(net, image, ctx=None):
+CPU_CONFIG = dict(  # a narrow network and a short training
+    depth=18, width=0.125, embedding_size=128, batch_per_device=64,
+    num_steps=450, eval_every=90, lr=0.1, warmup_steps=30, wd=5e-4,
+    momentum=0.9, s=16.0, margin='arcface')
+
+GPU_CONFIG = dict(  # a full-width Face-ResNet-50, on all GPUs
+    CPU_CONFIG, depth=50, width=1.0, embedding_size=512,
+    batch_per_device=128, num_steps=2000, eval_every=200)
+
+def set_seeds(seed=0):
+    """Seed Python's, NumPy's and MXNet's random number generators.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    random.seed(seed)
+    onp.random.seed(seed)
+    npx.random.seed(seed)
+
+def embed_face(net, image, devices=None):
     """Unit embedding of one aligned RGB uint8 face of shape (h, w, 3).
 
     Defined in :numref:`sec_facerecognition_training`"""
@@ -1045,23 +1160,26 @@ def embed_face(net, image, ctx=None):
                          f'{image.shape}')
     chw = image.astype(onp.uint8).transpose(2, 0, 1)
     both = onp.stack([chw, chw[:, :, ::-1]])[:, None]  # (2, 1, 3, h, w)
-    return embed_pairs(net, both, 1, ctx)[0]
+    return embed_pairs(net, both, 1, devices)[0]
 
 def identify(probes, gallery, threshold=None):
-    """Defined in :numref:`sec_facerecognition_training`"""
-    """The most similar gallery entry of each probe and its cosine, for unit
-    embeddings; -1 (nobody) where the cosine is not above `threshold`."""
-    probes, gallery = onp.asarray(probes), onp.asarray(gallery)
+    """Most similar gallery row of each unit probe, its cosine; -1: nobody.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    probes = onp.asarray(probes, onp.float64)
+    gallery = onp.asarray(gallery, onp.float64)
     if probes.ndim != 2 or gallery.ndim != 2 or len(gallery) == 0 or \
             probes.shape[1] != gallery.shape[1]:
         raise ValueError(f'expected probes (n, d) and a non-empty gallery '
                          f'(m, d), not {probes.shape} and {gallery.shape}')
     similarity = probes @ gallery.T
+    # A NaN embedding (of a failed enrollment, say) is similar to nothing:
+    # argmax would pick it, so it gets -inf and never wins.
+    similarity[onp.isnan(similarity)] = -onp.inf
     best = similarity.argmax(axis=1)
     cosine = similarity[onp.arange(len(best)), best]
-    if threshold is not None:
-        best = onp.where(cosine > threshold, best, -1)
-    return best, cosine
+    nobody = ~(cosine > (-onp.inf if threshold is None else threshold))
+    return onp.where(nobody, -1, best), cosine
 
 def split_classes(num_classes, num_shards):
     """Split range(num_classes) into `num_shards` contiguous (start, stop).

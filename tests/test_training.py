@@ -1,9 +1,12 @@
 """Verification metrics, the training loop and model files of section 3."""
+import contextlib
 import os
+import signal
 import warnings
 
 import numpy as onp
 import pytest
+from hypothesis import given, settings, strategies as st
 from mxnet import gluon, init, np, npx
 from mxnet.gluon import nn
 
@@ -61,7 +64,7 @@ def test_candidates_cover_every_decision():
 
 @pytest.mark.parametrize('seed', range(5))
 @pytest.mark.parametrize('ties', [False, True])
-def test_vectorised_search_equals_loop(seed, ties):
+def test_vectorized_search_equals_loop(seed, ties):
     scores, issame = random_case(seed, ties=ties)
     candidates = d2lf.candidate_thresholds(scores)
     assert d2lf.best_threshold(scores, issame) == \
@@ -102,7 +105,7 @@ def test_candidate_search_is_never_worse_than_a_grid():
 
 # --------------------------------------------------------------------- folds
 
-@pytest.mark.parametrize('n', [600, 6000, 7, 1234])
+@pytest.mark.parametrize('n', [600, 6000, 10, 17, 1234])
 def test_folds_partition_pairs_contiguously(n):
     folds = d2lf.kfold_splits(n, 10)
     assert len(folds) == 10
@@ -129,6 +132,9 @@ def test_kfold_accuracy_matches_a_plain_implementation():
         assert acc == pytest.approx(onp.mean(expected_acc))
         assert std == pytest.approx(onp.std(expected_acc))
         assert fold_t == pytest.approx(onp.array(expected_t))
+        # LFW's standard error: the sample std (k - 1) over sqrt(k)
+        assert d2lf.standard_error(std) == pytest.approx(
+            onp.std(expected_acc, ddof=1) / onp.sqrt(10))
 
 
 # ------------------------------------------------------------------ VAL, ROC
@@ -200,6 +206,102 @@ def test_plots_draw():
     d2lf.d2l.plt.close('all')
 
 
+# ------------------------------------------------------- metrics, bad input
+
+def with_score(scores, i, value):
+    scores = scores.copy()
+    scores[i] = value
+    return scores
+
+
+METRICS = {
+    'verification_accuracy': d2lf.verification_accuracy,
+    'best_threshold': d2lf.best_threshold,
+    'val_at_far': d2lf.val_at_far,
+    'far_threshold': d2lf.far_threshold,
+    'roc_curve': d2lf.roc_curve,
+    'count_accepts': lambda s, i: d2lf.count_accepts(s, i, [0.0, 0.5]),
+    'plot_score_histogram': d2lf.plot_score_histogram,
+}
+SCORES, ISSAME = random_case(0, n=100)
+BAD_PAIRS = {
+    'a NaN score': (with_score(SCORES, 17, onp.nan), ISSAME, 'NaN'),
+    'an infinite score': (with_score(SCORES, 3, onp.inf), ISSAME, 'NaN'),
+    'no pairs': (onp.array([]), onp.array([], bool), 'too few'),
+    'fewer labels': (SCORES, ISSAME[:-1], 'one label per pair'),
+    'more labels': (SCORES[:-1], ISSAME, 'one label per pair'),
+    'scores in 2-D': (SCORES.reshape(10, 10), ISSAME.reshape(10, 10),
+                      'one label per pair'),
+    'labels that are not 0/1': (SCORES, ISSAME * 2, 'True/False'),
+}
+
+
+@pytest.mark.parametrize('metric', METRICS)
+@pytest.mark.parametrize('case', BAD_PAIRS)
+def test_metrics_refuse_bad_pairs(metric, case):
+    scores, issame, message = BAD_PAIRS[case]
+    with pytest.raises(ValueError, match=message):
+        METRICS[metric](scores, issame)
+    d2lf.d2l.plt.close('all')
+
+
+def test_nan_message_names_the_first_bad_pair():
+    scores = with_score(with_score(SCORES, 17, onp.nan), 40, onp.nan)
+    with pytest.raises(ValueError, match='2 scores .* pair 17'):
+        d2lf.verification_accuracy(scores, ISSAME)
+
+
+@pytest.mark.parametrize('metric', ['verification_accuracy', 'val_at_far'])
+def test_folds_need_a_pair_each(metric):
+    metric = getattr(d2lf, metric)
+    with pytest.raises(ValueError, match='9 pairs are too few for 10'):
+        metric(SCORES[:9], ISSAME[:9])
+    metric(SCORES[:10], onp.arange(10) % 2 == 0)  # one pair a fold is fine
+    with pytest.raises(ValueError, match='2 or more folds'):
+        metric(SCORES, ISSAME, num_folds=1)
+    with pytest.raises(ValueError, match='2 or more folds'):
+        d2lf.kfold_splits(100, 0)
+
+
+@pytest.mark.parametrize('metric', ['val_at_far', 'roc_curve'])
+@pytest.mark.parametrize('label', [True, False])
+def test_val_and_roc_need_both_kinds_of_pairs(metric, label):
+    with pytest.raises(ValueError, match='both same and different'):
+        getattr(d2lf, metric)(SCORES, onp.full(100, label))
+
+
+def test_far_outside_zero_one_is_refused():
+    for far in (-0.1, 1.5, onp.nan):
+        with pytest.raises(ValueError, match='far must lie'):
+            d2lf.far_threshold(SCORES, ISSAME, far)
+
+
+def test_candidates_and_pair_scores_refuse_bad_input():
+    for scores in ([], [0.1, onp.nan]):
+        with pytest.raises(ValueError, match='at least one score'):
+            d2lf.candidate_thresholds(scores)
+    with pytest.raises(ValueError, match='two embeddings per pair'):
+        d2lf.pair_scores(onp.ones((3, 4)))
+    with pytest.raises(ValueError, match='two embeddings per pair'):
+        d2lf.pair_scores(onp.ones(4))
+
+
+finite_scores = st.lists(st.floats(-1, 1), min_size=10, max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(finite_scores, st.data())
+def test_any_finite_scores_give_rates_and_any_nan_an_error(scores, data):
+    scores = onp.array(scores)
+    issame = onp.array(data.draw(st.lists(st.booleans(), min_size=len(scores),
+                                          max_size=len(scores))))
+    acc, std, thresholds = d2lf.verification_accuracy(scores, issame)
+    assert 0 <= acc <= 1 and 0 <= std and onp.isfinite(thresholds).all()
+    i = data.draw(st.integers(0, len(scores) - 1))
+    with pytest.raises(ValueError, match='NaN'):
+        d2lf.verification_accuracy(with_score(scores, i, onp.nan), issame)
+
+
 # ------------------------------------------------------- networks and files
 
 class TinyNet(nn.HybridBlock):
@@ -231,7 +333,7 @@ def synthetic_pairs(num_pairs=10, size=16, seed=0):
 def test_embed_pairs_is_unit_flip_sum():
     net = tiny_net()
     images, _ = synthetic_pairs()
-    emb = d2lf.embed_pairs(net, images, batch_size=7, ctx=npx.cpu())
+    emb = d2lf.embed_pairs(net, images, batch_size=7, devices=[npx.cpu()])
     assert emb.shape == (20, 8)
     assert onp.linalg.norm(emb, axis=1) == pytest.approx(onp.ones(20))
     X = [np.array(c).astype('float32') / 255 for c in images]
@@ -244,10 +346,10 @@ def test_embed_face_matches_embed_pairs_and_checks_shape():
     net = tiny_net()
     images, _ = synthetic_pairs()
     face = images[0, 3].transpose(1, 2, 0)
-    emb = d2lf.embed_face(net, face, ctx=npx.cpu())
+    emb = d2lf.embed_face(net, face, devices=[npx.cpu()])
     assert emb.shape == (8,) and onp.linalg.norm(emb) == pytest.approx(1)
-    assert onp.abs(emb - d2lf.embed_pairs(net, images, ctx=npx.cpu())[3]) \
-        .max() < 1e-5
+    pairs = d2lf.embed_pairs(net, images, devices=[npx.cpu()])
+    assert onp.abs(emb - pairs[3]).max() < 1e-5
     with pytest.raises(ValueError, match='RGB'):
         d2lf.embed_face(net, face[:, :, 0])
 
@@ -255,9 +357,10 @@ def test_embed_face_matches_embed_pairs_and_checks_shape():
 def test_evaluate_verification_keys_and_ranges():
     images, issame = synthetic_pairs(num_pairs=40)
     result = d2lf.evaluate_verification(tiny_net(), (images, issame),
-                                        ctx=npx.cpu())
-    assert set(result) == {'acc', 'acc_std', 'threshold', 'val', 'val_std',
-                           'far'}
+                                        devices=[npx.cpu()])
+    assert set(result) == {'acc', 'acc_std', 'acc_se', 'threshold', 'val',
+                           'val_std', 'far'}
+    assert result['acc_se'] == pytest.approx(result['acc_std'] / 3)
     assert 0 <= result['acc'] <= 1 and 0 <= result['val'] <= 1
 
 
@@ -266,12 +369,12 @@ def test_save_load_round_trip_gives_identical_embeddings(tmp_path):
     net.initialize(init.Xavier())
     net.hybridize()
     images, _ = synthetic_pairs(num_pairs=2, size=112)
-    before = d2lf.embed_pairs(net, images, ctx=npx.cpu())
+    before = d2lf.embed_pairs(net, images, devices=[npx.cpu()])
     path = str(tmp_path / 'net.params')
     net.save_parameters(path)
     clone = d2lf.face_resnet(18, width=0.0625, embedding_size=16)
     clone.load_parameters(path, ctx=npx.cpu())
-    after = d2lf.embed_pairs(clone, images, ctx=npx.cpu())
+    after = d2lf.embed_pairs(clone, images, devices=[npx.cpu()])
     assert onp.array_equal(before, after)
 
 
@@ -305,7 +408,7 @@ def test_training_smoke_loss_decreases():
     margin = d2lf.MarginLogits(4, 16, s=16.0, m2=0.2)
     margin.initialize()
     images, issame = synthetic_pairs(num_pairs=40, size=112)
-    history = d2lf.train_face_rec(
+    history = d2lf.train_facerec(
         net, margin, train_iter, {'tiny': (images, issame)}, num_steps=16,
         lr=0.05, eval_every=8, log_every=4, devices=[npx.cpu()], plot=False)
     losses = [loss for _, loss in history['train loss']]
@@ -342,22 +445,23 @@ def test_training_step_on_two_devices_keeps_copies_equal():
 def test_train_on_small_standin_through_the_data_loader(standin_root):
     """Two passes over a 30-image stand-in, as the notebook trains."""
     data_dir = os.path.join(standin_root, 'faces-casia-ultrasmall')
-    train_iter, val_sets = d2lf.load_data_face_rec(data_dir, ['lfw_small'],
-                                                   batch_size=10)
+    train_iter, verification_sets = d2lf.load_data_facerec(
+        data_dir, ['lfw_small'], batch_size=10)
     npx.random.seed(0)
     net = d2lf.face_resnet(18, width=0.0625, embedding_size=16)
     net.initialize(init.Xavier())
     num_classes = d2lf.read_facerec_meta(data_dir)[1]
     margin = d2lf.MarginLogits(num_classes, 16, s=16.0, m2=0.5)
     margin.initialize()
-    history = d2lf.train_face_rec(
-        net, margin, train_iter, val_sets, num_steps=2 * len(train_iter),
+    history = d2lf.train_facerec(
+        net, margin, train_iter, verification_sets,
+        num_steps=2 * len(train_iter),
         lr=0.05, warmup_steps=2, eval_every=len(train_iter), log_every=1,
         devices=[npx.cpu()], plot=False)
     assert len(history['train loss']) == 2 * len(train_iter)
     assert [epoch for epoch, _ in history['lfw_small']] == [1, 2]
-    result = d2lf.evaluate_verification(net, val_sets['lfw_small'],
-                                        ctx=npx.cpu())
+    result = d2lf.evaluate_verification(net, verification_sets['lfw_small'],
+                                        devices=[npx.cpu()])
     assert result['acc'] == history['lfw_small'][-1][1]
     assert 0 <= result['val'] <= 1 and 0 <= result['far'] <= 1
 
@@ -404,3 +508,180 @@ def test_identify_matches_a_loop_over_the_gallery():
 def test_identify_rejects_bad_shapes(probes, gallery):
     with pytest.raises(ValueError, match='expected probes'):
         d2lf.identify(probes, gallery)
+
+
+def test_a_nan_gallery_row_never_wins():
+    gallery = onp.eye(3)
+    gallery[1] = onp.nan  # a failed enrollment
+    probes = unit_rows([[0.1, 0.99, 0], [0, 0.6, 0.8]])
+    best, cosine = d2lf.identify(probes, gallery)
+    assert best.tolist() == [0, 2]
+    assert cosine == pytest.approx([probes[0, 0], 0.8])
+    best, _ = d2lf.identify(probes, gallery, threshold=0.5)
+    assert best.tolist() == [-1, 2]
+
+
+def test_a_nan_probe_or_an_all_nan_gallery_finds_nobody():
+    gallery = onp.eye(3)
+    probes = onp.array([[onp.nan, 0, 0], [1.0, 0, 0]])
+    best, _ = d2lf.identify(probes, gallery)
+    assert best.tolist() == [-1, 0]
+    best, _ = d2lf.identify(probes, onp.full((2, 3), onp.nan))
+    assert best.tolist() == [-1, -1]
+    best, cosine = d2lf.identify(onp.ones((0, 3)), gallery)
+    assert best.shape == cosine.shape == (0,)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.lists(st.booleans(), min_size=2,
+                                            max_size=12))
+def test_nan_rows_are_as_if_left_out_of_the_gallery(seed, is_nan):
+    """identify with NaN rows = identify on the other rows, renumbered."""
+    rng = onp.random.default_rng(seed)
+    is_nan = onp.array(is_nan)
+    gallery = unit_rows(rng.normal(size=(len(is_nan), 5)))
+    gallery[is_nan] = onp.nan
+    probes = unit_rows(rng.normal(size=(7, 5)))
+    best, cosine = d2lf.identify(probes, gallery, threshold=0.1)
+    if is_nan.all():
+        assert (best == -1).all()
+        return
+    kept = onp.flatnonzero(~is_nan)
+    expected, expected_cosine = d2lf.identify(probes, gallery[kept], 0.1)
+    assert best.tolist() == [kept[i] if i >= 0 else -1 for i in expected]
+    assert cosine == pytest.approx(expected_cosine)
+
+
+# ------------------------------------------------- training input, bad cases
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Fail with TimeoutError when the block runs longer than `seconds`."""
+    def expire(signum, frame):
+        raise TimeoutError(f'still running after {seconds} s')
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def tiny_face_net_and_margin(num_classes=4):
+    npx.random.seed(0)
+    net = d2lf.face_resnet(18, width=0.0625, embedding_size=16)
+    net.initialize(init.Xavier())
+    margin = d2lf.MarginLogits(num_classes, 16, s=16.0, m2=0.2)
+    margin.initialize()
+    return net, margin
+
+
+@pytest.mark.parametrize('plot', [False, True])
+def test_fewer_images_than_a_batch_raise_at_once(standin_root, plot):
+    from conftest import NUM_CLASSES, PER_CLASS
+    data_dir = os.path.join(standin_root, 'faces-casia-ultrasmall')
+    num_images = NUM_CLASSES * PER_CLASS
+    train_iter, verification_sets = d2lf.load_data_facerec(
+        data_dir, ['lfw_small'], batch_size=num_images + 1)
+    net, margin = tiny_face_net_and_margin(NUM_CLASSES)
+    with deadline(1), pytest.raises(
+            ValueError, match=f'no batch: {num_images} images in batches '
+                              f'of {num_images + 1}'):
+        d2lf.train_facerec(net, margin, train_iter, verification_sets,
+                           num_steps=5, lr=0.1, devices=[npx.cpu()],
+                           plot=plot)
+    d2lf.d2l.plt.close('all')
+
+
+@pytest.mark.parametrize('name, value', [
+    ('num_steps', 0), ('num_steps', -3), ('num_steps', 2.5),
+    ('eval_every', 0), ('log_every', 0)])
+def test_step_counts_below_one_raise_at_once(name, value):
+    net, margin = tiny_face_net_and_margin()
+    counts = dict(num_steps=4, eval_every=2, log_every=2)
+    counts[name] = value
+    with deadline(1), pytest.raises(ValueError, match=f'{name} must be'):
+        d2lf.train_facerec(net, margin, tiny_dataset(), {}, lr=0.1,
+                           devices=[npx.cpu()], plot=False, **counts)
+
+
+def test_an_empty_list_of_batches_raises_at_once():
+    net, margin = tiny_face_net_and_margin()
+    with deadline(1), pytest.raises(ValueError, match='list of length 0'):
+        d2lf.train_facerec(net, margin, [], {}, num_steps=3, lr=0.1,
+                           devices=[npx.cpu()], plot=False)
+
+
+class OneShot:
+    """Batches that can be gone through once, like a generator's."""
+    def __init__(self, batches):
+        self.batches, self.length = iter(batches), len(batches)
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        return self.batches
+
+
+def test_a_pass_without_batches_raises_instead_of_looping():
+    net, margin = tiny_face_net_and_margin()
+    train_iter = OneShot(tiny_dataset()[:1])
+    with deadline(60), pytest.raises(
+            ValueError, match='no batch, after step 1: OneShot of length 1'):
+        d2lf.train_facerec(net, margin, train_iter, {}, num_steps=3, lr=0.1,
+                           devices=[npx.cpu()], plot=False)
+
+
+def test_facerec_batches_goes_round_as_often_as_needed():
+    batches = [(i, -i) for i in range(3)]
+    assert list(d2lf.facerec_batches(batches, 7)) == \
+        batches + batches + batches[:1]
+    generator = (batch for batch in batches)  # no len, gone through once
+    with pytest.raises(ValueError, match='after step 3: generator of '
+                                         'length [?]'):
+        list(d2lf.facerec_batches(generator, 4))
+
+
+# ----------------------------------------------------- several devices, steps
+
+def test_embed_pairs_on_two_devices_equals_one():
+    import mxnet as mx
+    devices = [mx.cpu(0), mx.cpu(1)]
+    net = TinyNet()
+    npx.random.seed(0)
+    net.initialize(init.Xavier(), ctx=devices)
+    images, _ = synthetic_pairs(num_pairs=5)  # 10 images: last chunk of 3
+    one = d2lf.embed_pairs(net, images, batch_size=7, devices=devices[:1])
+    two = d2lf.embed_pairs(net, images, batch_size=7, devices=devices)
+    assert onp.abs(one - two).max() < 1e-6
+    with pytest.raises(ValueError, match='n > 0'):
+        d2lf.embed_pairs(net, images[:, :0], devices=devices)
+
+
+def test_step_batch_size_divides_the_gradient():
+    """A doubled batch_size halves the update, as a halved rate would."""
+    X, y = tiny_dataset(batch_size=16)[0]
+    params = []
+    for lr, batch_size in [(0.1, 32), (0.05, None)]:
+        net, margin = tiny_face_net_and_margin()
+        trainer = d2lf.facerec_trainer(net, margin, num_steps=10, lr=lr,
+                                       wd=0, momentum=0)
+        d2lf.train_face_step(net, margin, gluon.loss.SoftmaxCrossEntropyLoss(),
+                             trainer, X, y, [npx.cpu()], batch_size)
+        params.append([p.data().asnumpy()
+                       for p in net.collect_params().values()])
+    for a, b in zip(*params):
+        assert onp.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_config_builds_what_the_section_trains():
+    config = d2lf.CPU_CONFIG
+    assert d2lf.GPU_CONFIG['lr'] == config['lr']  # shared settings
+    assert config['margin'] in d2lf.MARGIN_SETTINGS
+    net = d2lf.face_resnet(config['depth'], config['width'],
+                           config['embedding_size'])
+    net.initialize(init.Xavier())
+    X = np.zeros((2, 3, 112, 112))
+    assert net(X).shape == (2, config['embedding_size'])
