@@ -589,6 +589,92 @@ def face_align(image, landmark, image_size=112):
     return cv2.warpAffine(check_image(image), M, (int(image_size),) * 2,
                           borderValue=0.0)
 
+def read_state_dict(path, max_bytes=1 << 30):
+    """Tensors by name from a PyTorch file, without running code from it.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    import io
+    import torch  # imported on use: the MXNet library need not load PyTorch
+    data = formats.read_regular_file(path, max_bytes)  # refuses FIFOs too
+    try:
+        # The restricted unpickler builds tensors, dicts and numbers only;
+        # any other global that the pickle names is refused, never called.
+        state = torch.load(io.BytesIO(data), map_location='cpu',
+                           weights_only=True)
+    except Exception as e:  # nothing from the file has run: it is malformed
+        # PyTorch's message opens with advice to load unsafely; keep the cause.
+        cause = [line for line in str(e).splitlines()
+                 if line.strip() and 'weights_only' not in line]
+        raise ValueError(f'{path}: not a PyTorch file of plain tensors '
+                         f'({cause[0] if cause else type(e).__name__})') from e
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor)
+            for k, v in state.items()):
+        raise ValueError(f'{path}: holds a {type(state).__name__}, not a '
+                         f'state dict of named tensors')
+    return state
+
+def load_mtcnn(folder=None):
+    """MTCNN's P-Net, R-Net and O-Net, weights read by `read_state_dict`.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    import facenet_pytorch  # PyTorch modules, in the MXNet tab too
+    if folder is None:  # the weights ship inside the package
+        folder = os.path.join(os.path.dirname(facenet_pytorch.__file__),
+                              'data')
+    nets = []
+    for name, net_class in [('pnet', facenet_pytorch.PNet),
+                            ('rnet', facenet_pytorch.RNet),
+                            ('onet', facenet_pytorch.ONet)]:
+        path = os.path.join(folder, name + '.pt')
+        net = net_class(pretrained=False)  # True would unpickle freely
+        try:
+            net.load_state_dict(read_state_dict(path))
+        except RuntimeError as e:  # names or shapes that do not fit the net
+            raise ValueError(f'{path}: not the weights of {name}: {e}') from e
+        nets.append(net.eval())
+    return nets
+
+def check_photo(image):
+    """Return `image` if it is an RGB uint8 photo (h, w, 3), else raise.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    if not isinstance(image, onp.ndarray) or image.ndim != 3 \
+            or image.shape[2] != 3 or image.size == 0:
+        shape = getattr(image, 'shape', type(image).__name__)
+        raise ValueError(f'expected an RGB photo of shape (h, w, 3), not '
+                         f'{shape}')
+    if image.dtype != onp.uint8:
+        raise ValueError(f'expected a uint8 photo (0..255), not {image.dtype}')
+    return image
+
+def detect_faces(image, nets=None, min_face_size=20):
+    """Faces in an RGB photo: [(box, score, landmarks)], best score first.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    import torch
+    from facenet_pytorch.models.utils.detect_face import detect_face
+    check_photo(image)
+    if isinstance(min_face_size, bool) or not isinstance(
+            min_face_size, (int, onp.integer)) or min_face_size < 12:
+        raise ValueError(f'min_face_size must be an integer of at least 12 '
+                         f'(P-Net\'s window), not {min_face_size!r}')
+    if min(image.shape[:2]) < min_face_size:
+        return []  # and MTCNN's image pyramid would be empty
+    nets = load_mtcnn() if nets is None else nets
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            boxes, points = detect_face(image, min_face_size, *nets,
+                                        [0.6, 0.7, 0.7], 0.709, 'cpu')
+    finally:
+        torch.set_num_threads(threads)
+    faces = [(onp.array(box[:4], dtype=onp.float64), float(box[4]),
+              onp.array(landmarks, dtype=onp.float64))
+             for box, landmarks in zip(boxes[0], points[0])]
+    return sorted(faces, key=lambda face: -face[1])
+
 class ChannelPReLU(nn.HybridBlock):
     """PReLU with one learned slope per channel, for (N, C, H, W) inputs.
 
