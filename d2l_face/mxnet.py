@@ -6,13 +6,10 @@ only this header, which holds the imports that code needs, is edited by hand.
 """
 import collections
 import concurrent.futures
-import contextlib
-import hashlib
 import json
 import math
 import os
 import random
-import socket
 import time
 import weakref
 
@@ -26,7 +23,7 @@ from mxnet.gluon import nn
 from mxnet.gluon.data.vision import transforms
 
 import d2l_face
-from d2l_face import datahub, formats, recordio, standin
+from d2l_face import datahub, formats, packs, recordio, standin
 
 npx.set_np()
 
@@ -182,94 +179,6 @@ class FaceDataset(gluon.data.Dataset):
                          dtype='uint8')
         return self.transform(image), label
 
-PACK_FORMAT = 1  # the version of the pack and its marker
-
-def facerec_fingerprint(data_dir, items):
-    """Digest of `property` and of each image's path, label, size, time.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    digest = hashlib.sha1(formats.read_regular_file(
-        os.path.join(data_dir, formats.PROPERTY_FILE), max_bytes=1 << 16))
-    for path, label in items:
-        info = os.stat(path)
-        line = (f'{os.path.relpath(path, data_dir)}\t{label}\t'
-                f'{info.st_size}\t{info.st_mtime_ns}\n')
-        digest.update(line.encode('utf-8', 'surrogateescape'))
-    return digest.hexdigest()
-
-def pack_marker(prefix, num_records=None, sources=None):
-    """The marker a fresh pack `prefix` must carry (None: unreadable).
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    try:
-        rec, idx = (os.path.getsize(prefix + ext) for ext in ('.rec', '.idx'))
-    except OSError:
-        return None
-    return {'format': 'd2l_face pack', 'version': PACK_FORMAT,
-            'num_records': num_records, 'rec_bytes': rec, 'idx_bytes': idx,
-            'sources': sources}
-
-def read_pack_marker(prefix):
-    """Return the marker of pack `prefix` as a dict, or None.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    try:
-        marker = json.loads(formats.read_regular_file(
-            prefix + '.d2l-pack.json', max_bytes=1 << 16))
-    except (OSError, ValueError):  # missing, not a file, not JSON
-        return None
-    return marker if isinstance(marker, dict) else None
-
-def pack_is_fresh(prefix, num_records, sources):
-    """Whether pack `prefix` is complete and made from these sources.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    marker, expected = read_pack_marker(prefix), pack_marker(
-        prefix, num_records, sources)
-    if marker is None or expected is None or set(marker) != set(expected):
-        return False
-    return all(type(marker[k]) is type(v) and marker[k] == v
-               for k, v in expected.items())
-
-def is_foreign_pack(prefix):
-    """Whether files of pack `prefix` exist that d2l_face did not make.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    return (not os.path.lexists(prefix + '.d2l-pack.json') and
-            any(os.path.lexists(prefix + ext) for ext in ('.rec', '.idx')))
-
-def write_json(path, value, tmp):
-    """Write `value` to `path` as JSON, whole or not at all.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(value, f)
-    os.replace(tmp, path)
-
-def pack_tmp_prefix(data_dir, name, pid=None):
-    """The temporary file names of a packing process on this machine.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    return os.path.join(data_dir, f'{name}.d2l-tmp.{socket.gethostname()}.'
-                                  f'{os.getpid() if pid is None else pid}')
-
-def remove_stale_pack_files(data_dir, name='train'):
-    """Remove temporary pack files whose process on this machine died.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    start = os.path.basename(pack_tmp_prefix(data_dir, name, pid=''))
-    for file_name in os.listdir(data_dir):
-        pid = file_name[len(start):].split('.')[0]
-        if not file_name.startswith(start) or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)  # signal 0 only checks the process
-        except ProcessLookupError:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(data_dir, file_name))
-        except (PermissionError, OverflowError):
-            pass  # a process of another user: alive
-
 def checked_face_records(items, image_size):
     """Yield (label, JPEG bytes) of `items`, each checked, read in threads.
 
@@ -288,33 +197,19 @@ def pack_face_records(data_dir, name='train', meta=None):
 
     Defined in :numref:`sec_facerecognition_dataset`"""
     prefix = os.path.join(data_dir, name)
-    if is_foreign_pack(prefix):
-        raise FileExistsError(
-            f'{prefix}.rec/.idx: not made by d2l_face (no marker), so they '
-            f'are only read, never replaced; read them with FaceRecordIter, '
-            f'or pack the folders under another name')
+    packs.check_ours(prefix)  # a pack we did not make is never replaced
     image_size, num_classes = meta or read_facerec_meta(data_dir)
     items = list_facerec_images(data_dir, num_classes)
-    sources = facerec_fingerprint(data_dir, items)
-    if pack_is_fresh(prefix, len(items), sources):
+    sources = packs.fingerprint(data_dir, items)
+    if packs.is_fresh(prefix, len(items), sources):
         return prefix
-    remove_stale_pack_files(data_dir, name)
-    tmp = pack_tmp_prefix(data_dir, name)
-    try:  # A marker that is not complete claims the pack, not freshness.
-        write_json(prefix + '.d2l-pack.json', {'packing': True}, tmp + '.json')
+    with packs.staging(prefix) as tmp:
         recordio.write_pack(tmp, checked_face_records(items, image_size))
-        if facerec_fingerprint(data_dir, list_facerec_images(
+        if packs.fingerprint(data_dir, list_facerec_images(
                 data_dir, num_classes)) != sources:
             raise RuntimeError(f'{data_dir}: images changed while they were '
                                f'packed; run again to pack the new ones')
-        for ext in ('.rec', '.idx'):
-            os.replace(tmp + ext, prefix + ext)
-        write_json(prefix + '.d2l-pack.json',
-                   pack_marker(prefix, len(items), sources), tmp + '.json')
-    finally:
-        for ext in ('.rec', '.idx', '.json'):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp + ext)
+        packs.publish(tmp, prefix, len(items), sources)
     return prefix
 
 class FaceRecordIter:
@@ -384,7 +279,7 @@ class FaceRecordIter:
     
 
     def _finish(self, slot, records, jobs):
-        """Wait for a batch and wrap it for MXNet (without copying it).
+        """Wait for a batch and hand it to the framework (without copying).
     
         Defined in :numref:`sec_facerecognition_dataset`"""
         try:
@@ -394,9 +289,16 @@ class FaceRecordIter:
             concurrent.futures.wait(jobs)
             self._buffers[slot][1] = None
         view = self._buffers[slot][0].view()
-        X = mx.nd.from_numpy(view, zero_copy=True, array_cls=np.ndarray)
-        self._buffers[slot][1] = weakref.ref(view)  # dead once MXNet is done
-        return X, np.array(self.pack.labels[records], dtype='int64')
+        X, y = self._wrap(view, self.pack.labels[records])
+        self._buffers[slot][1] = weakref.ref(view)  # dead once X is unused
+        return X, y
+
+    def _wrap(self, X, y):
+        """Hand a NumPy batch and its labels to MXNet.
+    
+        Defined in :numref:`sec_facerecognition_dataset`"""
+        return (mx.nd.from_numpy(X, zero_copy=True, array_cls=np.ndarray),
+                np.array(y, dtype='int64'))
 
     def __iter__(self):
         """Defined in :numref:`sec_facerecognition_dataset`"""
@@ -451,14 +353,15 @@ def load_data_facerec(data_dir, verification_sets=(), batch_size=512):
 
     Defined in :numref:`sec_facerecognition_dataset`"""
     prefix = os.path.join(data_dir, 'train')
-    foreign = is_foreign_pack(prefix)
+    foreign = packs.foreign_reason(prefix)  # None: ours, or no pack yet
     image_size = num_classes = None  # a pack alone tells them itself
-    if not foreign or os.path.exists(os.path.join(data_dir, 'property')):
+    if not foreign or os.path.exists(os.path.join(data_dir,
+                                                  formats.PROPERTY_FILE)):
         image_size, num_classes = read_facerec_meta(data_dir)
     if foreign and os.path.isdir(os.path.join(
             data_dir, formats.identity_folder(0))):
-        print(f'NOTICE: reading {prefix}.rec, a pack that d2l_face did not '
-              f'make; the identity folders next to it are not used.')
+        print(f'NOTICE: reading {prefix}.rec as it is ({foreign}); the '
+              f'identity folders next to it are not used.')
     if not foreign:
         prefix = pack_face_records(data_dir, meta=(image_size, num_classes))
     train_iter = FaceRecordIter(prefix, batch_size, image_size, num_classes)
@@ -494,18 +397,13 @@ def write_insightface_pack(data_dir, out_dir, num_classes=None,
     names = ('train.rec', 'train.idx', formats.PROPERTY_FILE)
     if any(os.path.lexists(os.path.join(out_dir, n)) for n in names):
         raise FileExistsError(f'{out_dir}: already holds a pack')
-    tmp = pack_tmp_prefix(out_dir, 'train')
-    try:
+    with packs.staging(os.path.join(out_dir, 'train')) as tmp:
         recordio.write_pack(tmp, checked_face_records(items, image_size),
                             layout='insightface', label_vector=label_vector)
         with open(tmp + '.property', 'w') as f:
             f.write(formats.format_property(num_classes, *image_size) + '\n')
         for ext, n in zip(('.rec', '.idx', '.property'), names):
             os.replace(tmp + ext, os.path.join(out_dir, n))
-    finally:
-        for ext in ('.rec', '.idx', '.property'):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp + ext)
     return out_dir
 
 ARCFACE_TEMPLATE = formats.ARCFACE_TEMPLATE  # (5, 2): x, y in a 112x112 crop
