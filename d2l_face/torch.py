@@ -220,6 +220,7 @@ class FaceRecordIter:
         self.prefix, self.batch_size = prefix, batch_size
         self.shuffle, self.flip = shuffle, flip
         self.pack = recordio.PackReader(prefix, image_size)
+        self.labels = self.pack.labels  # one identity label per image
         if image_size is None and len(self.pack):
             image_size = formats.jpeg_size(self.pack.jpeg(0))
         self.image_size = tuple(image_size or (0, 0))
