@@ -1,6 +1,6 @@
 """Figure 1: training loader throughput, images/s over full epochs.
 
-(a) the source text's loader: a per-file gluon Dataset reading each JPEG
+(a) the original chapter's loader: a per-file gluon Dataset reading each JPEG
     with npx.image.imread, RandomFlipLeftRight + ToTensor, and a DataLoader
     with d2l.get_dataloader_workers() worker processes (reimplemented here);
 (b) the project's loader, d2lf.load_data_facerec (the packed RecordIO file
@@ -51,7 +51,7 @@ BATCH_SIZE = 512
 
 
 class SourceFaceDataset(gluon.data.Dataset):
-    """Baseline (a): the per-file dataset of the source text."""
+    """Baseline (a): the per-file dataset of the original chapter."""
     def __init__(self, data_dir):
         _, num_classes = d2lf.read_facerec_meta(data_dir)
         self.transform = transforms.Compose([
