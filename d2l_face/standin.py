@@ -745,6 +745,11 @@ def _own_marker(folder, kind):
     return None
 
 
+def is_standin(folder):
+    """Whether `folder` is a training set that the stand-in generator made."""
+    return _own_marker(folder, 'dataset') is not None
+
+
 def _same_json(a, b):
     # Compare as JSON text: `true == 1` and `1.0 == 1` in Python, not here.
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
