@@ -36,9 +36,18 @@ lib: $(STAMP)
 notebooks: $(STAMP)
 	$(BIN)/python tools/md2ipynb.py $(NOTEBOOKS)
 
+# The tests run in one worker per core (TEST_WORKERS=0 runs them in this
+# process); each notebook goes whole to one worker (--dist loadscope), and
+# conftest.py starts the two training notebooks first. The stand-in is packed
+# before, so that no two notebooks write its pack at the same time.
+TEST_WORKERS ?= auto
+
 test: $(STAMP) standin notebooks
+	$(BIN)/python -c "from d2l_face import torch as d2lf; \
+		d2lf.pack_face_records(d2lf.get_facerec_dir('faces-casia-ultrasmall'))"
 	$(BIN)/python -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env \
-		--nbval-cell-timeout=1800 -p no:cacheprovider
+		--nbval-cell-timeout=1800 -p no:cacheprovider \
+		-n $(TEST_WORKERS) --dist loadscope
 
 # Each framework tab is executed on its own (_build/eval, _build/eval_pytorch),
 # then `--tab all` merges them into one page per section with switching tabs.
