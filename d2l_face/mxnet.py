@@ -1045,12 +1045,12 @@ def describe_batches(train_iter):
     """How many images in batches of what size, where the iterator says.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    labels = getattr(train_iter, 'labels', None)  # as FaceRecordIter has
+    pack = getattr(train_iter, 'pack', None)  # as FaceRecordIter has
     batch_size = getattr(train_iter, 'batch_size', None)
-    if labels is None or batch_size is None:
+    if pack is None or batch_size is None:
         size = len(train_iter) if hasattr(train_iter, '__len__') else '?'
         return f'{type(train_iter).__name__} of length {size}'
-    return (f'{len(labels)} images in batches of {batch_size}, the last '
+    return (f'{len(pack)} images in batches of {batch_size}, the last '
             f'incomplete batch dropped')
 
 def check_train_input(train_iter, num_steps, eval_every=1, log_every=1):
