@@ -1,7 +1,7 @@
 """Tuning table of section 3: margin settings for the CPU network, accuracy.
 
 Each setting trains the network of d2lf.CPU_CONFIG with d2lf.train_facerec
-for --steps steps (300 by default, fewer than section 3 trains) from each
+for --steps steps (300 by default, a few more than section 3 trains) from each
 seed in --seeds (0 by default), with CPU_CONFIG's learning rate, warm-up and
 other settings unless the row changes them, on the stand-in data. For each
 setting it prints the 10-fold verification accuracy on the stand-in's

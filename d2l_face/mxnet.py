@@ -1030,12 +1030,12 @@ def describe_batches(train_iter):
     """How many images in batches of what size, where the iterator says.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    labels = getattr(train_iter, 'labels', None)  # as FaceRecordIter has
+    pack = getattr(train_iter, 'pack', None)  # as FaceRecordIter has
     batch_size = getattr(train_iter, 'batch_size', None)
-    if labels is None or batch_size is None:
+    if pack is None or batch_size is None:
         size = len(train_iter) if hasattr(train_iter, '__len__') else '?'
         return f'{type(train_iter).__name__} of length {size}'
-    return (f'{len(labels)} images in batches of {batch_size}, the last '
+    return (f'{len(pack)} images in batches of {batch_size}, the last '
             f'incomplete batch dropped')
 
 def check_train_input(train_iter, num_steps, eval_every=1, log_every=1):
@@ -1120,7 +1120,7 @@ def train_facerec(net, margin, train_iter, verification_sets, num_steps, lr,
 
 CPU_CONFIG = dict(  # a narrow network and a short training
     depth=18, width=0.125, embedding_size=128, batch_per_device=64,
-    num_steps=450, eval_every=90, lr=0.1, warmup_steps=30, wd=5e-4,
+    num_steps=240, eval_every=60, lr=0.1, warmup_steps=30, wd=5e-4,
     momentum=0.9, s=16.0, margin='arcface')
 
 GPU_CONFIG = dict(  # a full-width Face-ResNet-50, on all GPUs
