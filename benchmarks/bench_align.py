@@ -1,6 +1,6 @@
 """Figure 2: face alignment, microseconds per face (wall clock).
 
-(a) the source text's _face_align: scikit-image SimilarityTransform.estimate
+(a) the original chapter's _face_align: scikit-image SimilarityTransform.estimate
     followed by cv2.warpAffine (reimplemented here);
 (b) the project's d2lf.face_align (closed-form least squares in plain Python,
     landmark checks, then cv2.warpAffine);
@@ -26,13 +26,13 @@ from skimage import transform as skimage_transform
 from d2l_face import formats
 from d2l_face import mxnet as d2lf
 
-# The source text wrote the ArcFace template out (as mxnet.np); its values
+# The original chapter wrote the ArcFace template out (as mxnet.np); its values
 # are those of formats.ARCFACE_TEMPLATE, the one definition we import.
 SOURCE_TEMPLATE = formats.ARCFACE_TEMPLATE
 
 
 def source_face_align(image, landmark):
-    """Baseline (a): the source text's alignment."""
+    """Baseline (a): the original chapter's alignment."""
     assert landmark.shape == (5, 2)
     tform = skimage_transform.SimilarityTransform()
     tform.estimate(landmark, SOURCE_TEMPLATE)

@@ -1,6 +1,6 @@
 """Figure 1: training loader throughput, images/s over full epochs.
 
-(a) the source text's loader: a per-file gluon Dataset reading each JPEG
+(a) the original chapter's loader: a per-file gluon Dataset reading each JPEG
     with npx.image.imread, RandomFlipLeftRight + ToTensor, and a DataLoader
     with d2l.get_dataloader_workers() worker processes (reimplemented here);
 (b) the project's loader, d2lf.load_data_facerec (the packed RecordIO file
@@ -15,11 +15,14 @@ would leave the float conversion to the device; (d) MXNet's own
 mx.io.ImageRecordIter over the same pack (preprocess_threads = cores,
 rand_mirror, scale 1/255), the ready-made alternative to (b); (e) the
 loader (b) reading the same images from a pack in InsightFace's layout
-(header and identity records), as MS1M-V2/V3 come.
+(header and identity records), as MS1M-V2/V3 come; (f) the PyTorch tab's
+load_data_facerec on the same pack: the same threads fill the same NumPy
+batches, handed over as tensors by torch.from_numpy (no copy).
 
 Every epoch is the same 29 batches of 512 images of the stand-in (14,848
 images), flipped at random and converted to float32 (N, 3, 112, 112); each
-batch is waited for (wait_to_read), as a training step would.
+MXNet batch is waited for (wait_to_read), as a training step would (a
+PyTorch tensor on the CPU is ready when the loader hands it over).
 """
 import argparse
 import concurrent.futures
@@ -34,19 +37,21 @@ from _common import emit, median, paired_ratio, rates, round_robin, spread
 import cv2
 import mxnet as mx
 import numpy as onp
+import torch
 from d2l import mxnet as d2l
 from mxnet import gluon, npx
 from mxnet.gluon.data.vision import transforms
 
 from d2l_face import formats
 from d2l_face import mxnet as d2lf
+from d2l_face import torch as d2lf_torch
 
 npx.set_np()
 BATCH_SIZE = 512
 
 
 class SourceFaceDataset(gluon.data.Dataset):
-    """Baseline (a): the per-file dataset of the source text."""
+    """Baseline (a): the per-file dataset of the original chapter."""
     def __init__(self, data_dir):
         _, num_classes = d2lf.read_facerec_meta(data_dir)
         self.transform = transforms.Compose([
@@ -72,6 +77,16 @@ def consume(loader):
         X.wait_to_read()
         y.wait_to_read()
         assert X.shape[1:] == (3, 112, 112) and X.dtype == onp.float32
+        count += X.shape[0]
+    return count
+
+
+def consume_torch(loader):
+    """(f): one epoch of the PyTorch tab's loader; return the image count."""
+    count = 0
+    for X, y in loader:
+        assert X.shape[1:] == (3, 112, 112) and X.dtype == torch.float32
+        assert y.dtype == torch.int64
         count += X.shape[0]
     return count
 
@@ -138,6 +153,7 @@ def main():
         last_batch='discard', num_workers=d2l.get_dataloader_workers())
     fast, _ = d2lf.load_data_facerec(data_dir, (), BATCH_SIZE)
     prefix = fast.prefix  # the pack the line above made (or found)
+    fast_torch, _ = d2lf_torch.load_data_facerec(data_dir, (), BATCH_SIZE)
     # (e): the same images in a pack laid out as InsightFace writes them.
     insightface_dir = tempfile.mkdtemp(prefix='bench-insightface-')
     d2lf.write_insightface_pack(data_dir, insightface_dir)
@@ -170,6 +186,7 @@ def main():
         'c3': lambda: decode_to_uint8(jpegs, pool, num_threads, outs_uint8),
         'd': lambda: consume_record_iter(record_iter),
         'e': lambda: consume(insightface),
+        'f': lambda: consume_torch(fast_torch),
     }, repeats=args.repeats)
     shutil.rmtree(insightface_dir)
     names = {'a': '(a) source DataLoader, per-file imread',
@@ -178,15 +195,15 @@ def main():
              'c2': '(c2) decode + float32 conversion only',
              'c3': '(c3) decode + uint8 planes only',
              'd': '(d) mx.io.ImageRecordIter on the pack',
-             'e': '(e) (b) on an InsightFace-layout pack'}
+             'e': '(e) (b) on an InsightFace-layout pack',
+             'f': '(f) PyTorch tab: d2lf.load_data_facerec'}
     for key, name in names.items():
         print(f'  {name:42s} {spread(rates(runs[key]))} images/s')
-    a, b, c, c2, c3, d = (median(rates(runs[k]))
-                          for k in ('a', 'b', 'c', 'c2', 'c3', 'd'))
+    a, b, c, f = (median(rates(runs[k])) for k in ('a', 'b', 'c', 'f'))
     r = {k: paired_ratio(rates(runs['b']), rates(runs[k]))
          for k in ('a', 'c', 'c2', 'd', 'e')}
     floors = {k: paired_ratio(rates(runs[k]), rates(runs['c']))
-              for k in ('c2', 'c3')}
+              for k in ('c2', 'c3', 'f')}
     cpu = {k: median(_common.per_unit_us(runs[k], 'cpu'))
            for k in ('b', 'c', 'c2')}
     print(f'  per-round ratios (medians): (b)/(c) = {r["c"]:.3f}, '
@@ -200,10 +217,13 @@ def main():
           f'(c2)/(c) = {cpu["c"] / cpu["c2"]:.3f}')
     print(f'  floors: (c2)/(c) = {floors["c2"]:.3f} with float32 batches, '
           f'(c3)/(c) = {floors["c3"]:.3f} with uint8 batches')
+    print(f'  PyTorch tab: (f)/(c) = {floors["f"]:.3f}, (f)/(b) = '
+          f'{paired_ratio(rates(runs["f"]), rates(runs["b"])):.3f}')
     print(f'  load after: {_common.load()}')
     del simple  # stop its workers now, not at interpreter exit
     emit(figure='1. loader (images/s)', value=b, unit='img/s',
-         baselines={'(a) source': a, '(c) decode limit': c},
+         baselines={'(a) source': a, '(c) decode limit': c,
+                    '(f) PyTorch tab': f},
          ratio=f'{r["c"]:.2f} of (c); {r["a"]:.1f}x (a)',
          target='>= 0.85 of (c)', met=r['c'] >= 0.85)
 

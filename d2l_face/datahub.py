@@ -28,8 +28,9 @@ the file and the cause (a URL without a file name is a ``ValueError``): a
 ``DownloadError`` (also an ``OSError``) for the network and for downloaded
 archives that do not unpack, an ``ArchiveError`` or ``BinFormatError`` (also
 ``ValueError``) for bad files. Temporary files and folders are named
-``.d2l-face-<host>-<pid>-<random>.<kind>``; a later call removes those whose
-process is dead, and nothing else. Files get the user's umask.
+``.d2l-face-<host>-<pid>-<random>.<kind>`` by ``d2l_face.temps``; a later call
+removes those whose process is dead, and nothing else. Files get the user's
+umask.
 """
 import hashlib
 import io
@@ -37,9 +38,7 @@ import os
 import pickle
 import pickletools
 import re
-import secrets
 import shutil
-import socket
 import sys
 import tarfile
 import time
@@ -48,7 +47,7 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 
-from d2l_face import formats
+from d2l_face import formats, temps
 
 __all__ = [
     'DataError', 'DownloadError', 'ArchiveError', 'UnsafeArchiveError',
@@ -99,58 +98,29 @@ def _cause(exc):
 
 # ---------------------------------------------------------------- temporaries
 
-# Our temporaries carry the host and the pid of their maker, so that a later
-# run can prove them orphaned (a process killed with -9 runs no clean-up).
-_TEMP_PREFIX = '.d2l-face-'
-_HOST = re.sub(r'[^A-Za-z0-9]', '', socket.gethostname())[:32] or 'host'
-_TEMP_NAME = re.compile(r'\.d2l-face-(?P<host>[A-Za-z0-9]+)-(?P<pid>[0-9]{1,10})'
-                        r'-[0-9a-f]{16}\.(?P<kind>part|extracting|replaced)')
-_TEMP_NAME_LENGTH = len(f'{_TEMP_PREFIX}{_HOST}-{2**32}-{"0" * 16}.extracting')
+# Temporary names and their clean-up are d2l_face.temps': our names are
+# PREFIX + host-pid-random + '.part' (a download or .bin being written),
+# '.extracting' (an archive being unpacked) or '.replaced' (entries set aside
+# while an extraction replaces them).
+_HOST = temps.HOST
+_TEMP_NAME_LENGTH = temps.longest_name(suffix='.extracting')
 
 
 def _temp_path(folder, kind, pid=None):
-    pid = os.getpid() if pid is None else pid
-    return os.path.join(folder, f'{_TEMP_PREFIX}{_HOST}-{pid}-{secrets.token_hex(8)}.{kind}')
+    return temps.temp_path(folder, suffix='.' + kind, pid=pid)
 
 
 def _create_temp_file(folder):
     """Create a new temporary file in ``folder``; return ``(path, binary file)``.
 
-    Created with mode 0o666 so that the kernel applies the umask, as for any
-    file the user makes (``tempfile`` would make it 0o600 for good).
+    The file gets the user's umask, as any file the user makes.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0)
-    while True:
-        path = _temp_path(folder, 'part')
-        try:
-            fd = os.open(path, flags, 0o666)
-        except FileExistsError:
-            continue
-        return path, os.fdopen(fd, 'wb')
+    return temps.create_file(folder, suffix='.part')
 
 
 def _create_temp_dir(folder, kind):
     """Create a new private temporary folder in ``folder``; return its path."""
-    while True:
-        path = _temp_path(folder, kind)
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            continue
-        return path
-
-
-def _pid_alive(pid):
-    """False only when no process ``pid`` exists on this machine."""
-    if os.name != 'posix' or pid <= 0:
-        return True  # cannot prove it dead (and Windows' os.kill would kill)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. PermissionError: it exists, as another user
-        return True
-    return True
+    return temps.create_dir(folder, suffix='.' + kind, mode=0o700)
 
 
 def _restore_aside(aside, folder):
@@ -163,30 +133,12 @@ def _restore_aside(aside, folder):
 def _remove_stale_temps(folder):
     """Remove the temporaries in ``folder`` that a dead process of ours left.
 
-    Only names made by ``_temp_path`` on this host, with a pid that no longer
-    exists, real files or folders (not links), are touched; entries are listed,
-    never matched with a pattern, so a folder named ``data[1]`` cannot reach
-    into ``data1``. Best effort: a failure here never stops the caller.
+    Entries set aside by an extraction that died are put back first.
     """
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return
-    for entry in entries:
-        match = _TEMP_NAME.fullmatch(entry.name)
-        if (not match or match['host'] != _HOST
-                or _pid_alive(int(match['pid']))):
-            continue
-        try:
-            if match['kind'] == 'part':
-                if entry.is_file(follow_symlinks=False):
-                    os.remove(entry.path)
-            elif entry.is_dir(follow_symlinks=False):
-                if match['kind'] == 'replaced':
-                    _restore_aside(entry.path, folder)
-                shutil.rmtree(entry.path)
-        except OSError:
-            pass  # gone already (another run cleaning up), or not ours to remove
+    def rescue(path, suffix):
+        if suffix == '.replaced':
+            _restore_aside(path, folder)
+    temps.remove_stale(folder, before_removing=rescue)
 
 
 # ---------------------------------------------------------------- downloads

@@ -6,13 +6,10 @@ only this header, which holds the imports that code needs, is edited by hand.
 """
 import collections
 import concurrent.futures
-import contextlib
-import hashlib
 import json
 import math
 import os
 import random
-import socket
 import time
 import weakref
 
@@ -26,7 +23,7 @@ from mxnet.gluon import nn
 from mxnet.gluon.data.vision import transforms
 
 import d2l_face
-from d2l_face import datahub, formats, recordio, standin
+from d2l_face import datahub, formats, packs, recordio, standin
 
 npx.set_np()
 
@@ -182,94 +179,6 @@ class FaceDataset(gluon.data.Dataset):
                          dtype='uint8')
         return self.transform(image), label
 
-PACK_FORMAT = 1  # the version of the pack and its marker
-
-def facerec_fingerprint(data_dir, items):
-    """Digest of `property` and of each image's path, label, size, time.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    digest = hashlib.sha1(formats.read_regular_file(
-        os.path.join(data_dir, formats.PROPERTY_FILE), max_bytes=1 << 16))
-    for path, label in items:
-        info = os.stat(path)
-        line = (f'{os.path.relpath(path, data_dir)}\t{label}\t'
-                f'{info.st_size}\t{info.st_mtime_ns}\n')
-        digest.update(line.encode('utf-8', 'surrogateescape'))
-    return digest.hexdigest()
-
-def pack_marker(prefix, num_records=None, sources=None):
-    """The marker a fresh pack `prefix` must carry (None: unreadable).
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    try:
-        rec, idx = (os.path.getsize(prefix + ext) for ext in ('.rec', '.idx'))
-    except OSError:
-        return None
-    return {'format': 'd2l_face pack', 'version': PACK_FORMAT,
-            'num_records': num_records, 'rec_bytes': rec, 'idx_bytes': idx,
-            'sources': sources}
-
-def read_pack_marker(prefix):
-    """Return the marker of pack `prefix` as a dict, or None.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    try:
-        marker = json.loads(formats.read_regular_file(
-            prefix + '.d2l-pack.json', max_bytes=1 << 16))
-    except (OSError, ValueError):  # missing, not a file, not JSON
-        return None
-    return marker if isinstance(marker, dict) else None
-
-def pack_is_fresh(prefix, num_records, sources):
-    """Whether pack `prefix` is complete and made from these sources.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    marker, expected = read_pack_marker(prefix), pack_marker(
-        prefix, num_records, sources)
-    if marker is None or expected is None or set(marker) != set(expected):
-        return False
-    return all(type(marker[k]) is type(v) and marker[k] == v
-               for k, v in expected.items())
-
-def is_foreign_pack(prefix):
-    """Whether files of pack `prefix` exist that d2l_face did not make.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    return (not os.path.lexists(prefix + '.d2l-pack.json') and
-            any(os.path.lexists(prefix + ext) for ext in ('.rec', '.idx')))
-
-def write_json(path, value, tmp):
-    """Write `value` to `path` as JSON, whole or not at all.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(value, f)
-    os.replace(tmp, path)
-
-def pack_tmp_prefix(data_dir, name, pid=None):
-    """The temporary file names of a packing process on this machine.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    return os.path.join(data_dir, f'{name}.d2l-tmp.{socket.gethostname()}.'
-                                  f'{os.getpid() if pid is None else pid}')
-
-def remove_stale_pack_files(data_dir, name='train'):
-    """Remove temporary pack files whose process on this machine died.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    start = os.path.basename(pack_tmp_prefix(data_dir, name, pid=''))
-    for file_name in os.listdir(data_dir):
-        pid = file_name[len(start):].split('.')[0]
-        if not file_name.startswith(start) or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)  # signal 0 only checks the process
-        except ProcessLookupError:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(data_dir, file_name))
-        except (PermissionError, OverflowError):
-            pass  # a process of another user: alive
-
 def checked_face_records(items, image_size):
     """Yield (label, JPEG bytes) of `items`, each checked, read in threads.
 
@@ -288,33 +197,19 @@ def pack_face_records(data_dir, name='train', meta=None):
 
     Defined in :numref:`sec_facerecognition_dataset`"""
     prefix = os.path.join(data_dir, name)
-    if is_foreign_pack(prefix):
-        raise FileExistsError(
-            f'{prefix}.rec/.idx: not made by d2l_face (no marker), so they '
-            f'are only read, never replaced; read them with FaceRecordIter, '
-            f'or pack the folders under another name')
+    packs.check_ours(prefix)  # a pack we did not make is never replaced
     image_size, num_classes = meta or read_facerec_meta(data_dir)
     items = list_facerec_images(data_dir, num_classes)
-    sources = facerec_fingerprint(data_dir, items)
-    if pack_is_fresh(prefix, len(items), sources):
+    sources = packs.fingerprint(data_dir, items)
+    if packs.is_fresh(prefix, len(items), sources):
         return prefix
-    remove_stale_pack_files(data_dir, name)
-    tmp = pack_tmp_prefix(data_dir, name)
-    try:  # A marker that is not complete claims the pack, not freshness.
-        write_json(prefix + '.d2l-pack.json', {'packing': True}, tmp + '.json')
+    with packs.staging(prefix) as tmp:
         recordio.write_pack(tmp, checked_face_records(items, image_size))
-        if facerec_fingerprint(data_dir, list_facerec_images(
+        if packs.fingerprint(data_dir, list_facerec_images(
                 data_dir, num_classes)) != sources:
             raise RuntimeError(f'{data_dir}: images changed while they were '
                                f'packed; run again to pack the new ones')
-        for ext in ('.rec', '.idx'):
-            os.replace(tmp + ext, prefix + ext)
-        write_json(prefix + '.d2l-pack.json',
-                   pack_marker(prefix, len(items), sources), tmp + '.json')
-    finally:
-        for ext in ('.rec', '.idx', '.json'):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp + ext)
+        packs.publish(tmp, prefix, len(items), sources)
     return prefix
 
 class FaceRecordIter:
@@ -328,6 +223,7 @@ class FaceRecordIter:
         self.prefix, self.batch_size = prefix, batch_size
         self.shuffle, self.flip = shuffle, flip
         self.pack = recordio.PackReader(prefix, image_size)
+        self.labels = self.pack.labels  # one identity label per image
         if image_size is None and len(self.pack):
             image_size = formats.jpeg_size(self.pack.jpeg(0))
         self.image_size = tuple(image_size or (0, 0))
@@ -384,7 +280,7 @@ class FaceRecordIter:
     
 
     def _finish(self, slot, records, jobs):
-        """Wait for a batch and wrap it for MXNet (without copying it).
+        """Wait for a batch and hand it to the framework (without copying).
     
         Defined in :numref:`sec_facerecognition_dataset`"""
         try:
@@ -394,9 +290,16 @@ class FaceRecordIter:
             concurrent.futures.wait(jobs)
             self._buffers[slot][1] = None
         view = self._buffers[slot][0].view()
-        X = mx.nd.from_numpy(view, zero_copy=True, array_cls=np.ndarray)
-        self._buffers[slot][1] = weakref.ref(view)  # dead once MXNet is done
-        return X, np.array(self.pack.labels[records], dtype='int64')
+        X, y = self._wrap(view, self.pack.labels[records])
+        self._buffers[slot][1] = weakref.ref(view)  # dead once X is unused
+        return X, y
+
+    def _wrap(self, X, y):
+        """Hand a NumPy batch and its labels to MXNet.
+    
+        Defined in :numref:`sec_facerecognition_dataset`"""
+        return (mx.nd.from_numpy(X, zero_copy=True, array_cls=np.ndarray),
+                np.array(y, dtype='int64'))
 
     def __iter__(self):
         """Defined in :numref:`sec_facerecognition_dataset`"""
@@ -451,14 +354,15 @@ def load_data_facerec(data_dir, verification_sets=(), batch_size=512):
 
     Defined in :numref:`sec_facerecognition_dataset`"""
     prefix = os.path.join(data_dir, 'train')
-    foreign = is_foreign_pack(prefix)
+    foreign = packs.foreign_reason(prefix)  # None: ours, or no pack yet
     image_size = num_classes = None  # a pack alone tells them itself
-    if not foreign or os.path.exists(os.path.join(data_dir, 'property')):
+    if not foreign or os.path.exists(os.path.join(data_dir,
+                                                  formats.PROPERTY_FILE)):
         image_size, num_classes = read_facerec_meta(data_dir)
     if foreign and os.path.isdir(os.path.join(
             data_dir, formats.identity_folder(0))):
-        print(f'NOTICE: reading {prefix}.rec, a pack that d2l_face did not '
-              f'make; the identity folders next to it are not used.')
+        print(f'NOTICE: reading {prefix}.rec as it is ({foreign}); the '
+              f'identity folders next to it are not used.')
     if not foreign:
         prefix = pack_face_records(data_dir, meta=(image_size, num_classes))
     train_iter = FaceRecordIter(prefix, batch_size, image_size, num_classes)
@@ -494,18 +398,13 @@ def write_insightface_pack(data_dir, out_dir, num_classes=None,
     names = ('train.rec', 'train.idx', formats.PROPERTY_FILE)
     if any(os.path.lexists(os.path.join(out_dir, n)) for n in names):
         raise FileExistsError(f'{out_dir}: already holds a pack')
-    tmp = pack_tmp_prefix(out_dir, 'train')
-    try:
+    with packs.staging(os.path.join(out_dir, 'train')) as tmp:
         recordio.write_pack(tmp, checked_face_records(items, image_size),
                             layout='insightface', label_vector=label_vector)
         with open(tmp + '.property', 'w') as f:
             f.write(formats.format_property(num_classes, *image_size) + '\n')
         for ext, n in zip(('.rec', '.idx', '.property'), names):
             os.replace(tmp + ext, os.path.join(out_dir, n))
-    finally:
-        for ext in ('.rec', '.idx', '.property'):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp + ext)
     return out_dir
 
 ARCFACE_TEMPLATE = formats.ARCFACE_TEMPLATE  # (5, 2): x, y in a 112x112 crop
@@ -588,6 +487,92 @@ def face_align(image, landmark, image_size=112):
                             (image_size / formats.TEMPLATE_SIZE))
     return cv2.warpAffine(check_image(image), M, (int(image_size),) * 2,
                           borderValue=0.0)
+
+def read_state_dict(path, max_bytes=1 << 30):
+    """Tensors by name from a PyTorch file, without running code from it.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    import io
+    import torch  # imported on use: the MXNet library need not load PyTorch
+    data = formats.read_regular_file(path, max_bytes)  # refuses FIFOs too
+    try:
+        # The restricted unpickler builds tensors, dicts and numbers only;
+        # any other global that the pickle names is refused, never called.
+        state = torch.load(io.BytesIO(data), map_location='cpu',
+                           weights_only=True)
+    except Exception as e:  # nothing from the file has run: it is malformed
+        # PyTorch's message opens with advice to load unsafely; keep the cause.
+        cause = [line for line in str(e).splitlines()
+                 if line.strip() and 'weights_only' not in line]
+        raise ValueError(f'{path}: not a PyTorch file of plain tensors '
+                         f'({cause[0] if cause else type(e).__name__})') from e
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor)
+            for k, v in state.items()):
+        raise ValueError(f'{path}: holds a {type(state).__name__}, not a '
+                         f'state dict of named tensors')
+    return state
+
+def load_mtcnn(folder=None):
+    """MTCNN's P-Net, R-Net and O-Net, weights read by `read_state_dict`.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    import facenet_pytorch  # PyTorch modules, in the MXNet tab too
+    if folder is None:  # the weights ship inside the package
+        folder = os.path.join(os.path.dirname(facenet_pytorch.__file__),
+                              'data')
+    nets = []
+    for name, net_class in [('pnet', facenet_pytorch.PNet),
+                            ('rnet', facenet_pytorch.RNet),
+                            ('onet', facenet_pytorch.ONet)]:
+        path = os.path.join(folder, name + '.pt')
+        net = net_class(pretrained=False)  # True would unpickle freely
+        try:
+            net.load_state_dict(read_state_dict(path))
+        except RuntimeError as e:  # names or shapes that do not fit the net
+            raise ValueError(f'{path}: not the weights of {name}: {e}') from e
+        nets.append(net.eval())
+    return nets
+
+def check_photo(image):
+    """Return `image` if it is an RGB uint8 photo (h, w, 3), else raise.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    if not isinstance(image, onp.ndarray) or image.ndim != 3 \
+            or image.shape[2] != 3 or image.size == 0:
+        shape = getattr(image, 'shape', type(image).__name__)
+        raise ValueError(f'expected an RGB photo of shape (h, w, 3), not '
+                         f'{shape}')
+    if image.dtype != onp.uint8:
+        raise ValueError(f'expected a uint8 photo (0..255), not {image.dtype}')
+    return image
+
+def detect_faces(image, nets=None, min_face_size=20):
+    """Faces in an RGB photo: [(box, score, landmarks)], best score first.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    import torch
+    from facenet_pytorch.models.utils.detect_face import detect_face
+    check_photo(image)
+    if isinstance(min_face_size, bool) or not isinstance(
+            min_face_size, (int, onp.integer)) or min_face_size < 12:
+        raise ValueError(f'min_face_size must be an integer of at least 12 '
+                         f'(P-Net\'s window), not {min_face_size!r}')
+    if min(image.shape[:2]) < min_face_size:
+        return []  # and MTCNN's image pyramid would be empty
+    nets = load_mtcnn() if nets is None else nets
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            boxes, points = detect_face(image, min_face_size, *nets,
+                                        [0.6, 0.7, 0.7], 0.709, 'cpu')
+    finally:
+        torch.set_num_threads(threads)
+    faces = [(onp.array(box[:4], dtype=onp.float64), float(box[4]),
+              onp.array(landmarks, dtype=onp.float64))
+             for box, landmarks in zip(boxes[0], points[0])]
+    return sorted(faces, key=lambda face: -face[1])
 
 class ChannelPReLU(nn.HybridBlock):
     """PReLU with one learned slope per channel, for (N, C, H, W) inputs.

@@ -39,11 +39,8 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue as queue_module
-import re
-import secrets
 import shutil
 import signal
-import socket
 import stat
 import sys
 import threading
@@ -52,7 +49,7 @@ import time
 import cv2
 import numpy as np
 
-from d2l_face import datahub, formats
+from d2l_face import datahub, formats, temps
 
 # 2: a marker inside each folder instead of one in the root; the files
 # themselves are the same as format 1's.
@@ -748,6 +745,11 @@ def _own_marker(folder, kind):
     return None
 
 
+def is_standin(folder):
+    """Whether `folder` is a training set that the stand-in generator made."""
+    return _own_marker(folder, 'dataset') is not None
+
+
 def _same_json(a, b):
     # Compare as JSON text: `true == 1` and `1.0 == 1` in Python, not here.
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
@@ -802,55 +804,25 @@ def _drop_legacy_marker(root):
 
 # --- Temporary folders ----------------------------------------------------
 #
-# A build happens in ROOT/.standin-tmp-HOST-PID-RANDOM. If the process is
-# killed, the folder stays; a later run removes it once it can prove that
-# PID on this HOST is dead. Folders are matched by name, never by a glob
-# pattern built from the root's path (which may contain [, ], ? or *).
+# A build happens in ROOT/.standin-tmp-HOST-PID-RANDOM, named and cleaned up
+# by d2l_face.temps: if the process is killed, the folder stays, and a later
+# run removes it once it can prove that PID on this HOST is dead.
 
 _TMP_PREFIX = '.standin-tmp-'
-_TMP_NAME = re.compile(r'\.standin-tmp-([A-Za-z0-9]{1,64})-([0-9]{1,10})-'
-                       r'[0-9a-f]{16}\Z')
 
 
 def _host_tag():
-    return re.sub('[^A-Za-z0-9]', '', socket.gethostname())[:64] or 'host'
+    return temps.HOST
 
 
 def _make_tmp(root):
     """Create an empty build folder in `root` with the user's umask."""
-    while True:
-        path = os.path.join(root, f'{_TMP_PREFIX}{_host_tag()}-{os.getpid()}-'
-                                  f'{secrets.token_hex(8)}')
-        try:
-            os.mkdir(path)  # mode 0o777 less the umask (mkdtemp gives 0o700)
-            return path
-        except FileExistsError:
-            continue
-
-
-def _pid_is_dead(pid):
-    """True only when no process `pid` exists on this machine."""
-    if os.name != 'posix' or pid <= 0 or pid == os.getpid():
-        return False  # on Windows os.kill(pid, 0) would kill the process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # it exists, but belongs to another user
-        return False
-    return False
+    return temps.create_dir(root, _TMP_PREFIX)
 
 
 def _remove_stale_tmp(root):
     """Remove the build folders in `root` that dead processes left behind."""
-    with os.scandir(root) as entries:
-        stale = [e.path for e in entries
-                 if (m := _TMP_NAME.match(e.name))
-                 and m.group(1) == _host_tag()
-                 and e.is_dir(follow_symlinks=False)
-                 and _pid_is_dead(int(m.group(2)))]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+    temps.remove_stale(root, _TMP_PREFIX)
 
 
 @contextlib.contextmanager

@@ -7,10 +7,13 @@ the imports that code needs, is edited by hand. ``onp`` is NumPy, spelled as
 in the MXNet tab, whose ``np`` is MXNet's own, so that the framework-free
 cells read the same in both tabs.
 """
+import collections
+import concurrent.futures
 import json
 import math
 import os
 import time
+import weakref
 
 import cv2
 import numpy as onp
@@ -20,14 +23,556 @@ from torch import distributed as dist
 from torch import nn
 from torch.distributed import nn as dist_nn
 from torch.nn import functional as F
+from torchvision import transforms
 
 import d2l_face
-from d2l_face import datahub, formats, recordio, standin
+from d2l_face import datahub, formats, packs, recordio, standin
 
 #################   WARNING   ################
 # The below part is generated automatically through:
 #    d2lbook build lib
 # Don't edit it directly
+
+d2l.DATA_HUB['faces-casia-small'] = (
+    d2l.DATA_URL + 'faces-casia-small.zip',
+    'b2eed95fd98296c25af65623b8aaa3ee87f982ff')
+
+d2l.DATA_HUB['faces-casia-ultrasmall'] = (
+    d2l.DATA_URL + 'faces-casia-ultrasmall.zip',
+    '352b9a33ca089307a07cec80c23b1765d304e95a')
+
+def get_facerec_dir(name='faces-casia-ultrasmall'):
+    """Return the folder of a face dataset, downloading or generating it.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    source = os.environ.get('D2L_FACE_SOURCE', 'auto').lower()
+    if source not in ('auto', 'real', 'standin'):
+        raise ValueError(f'D2L_FACE_SOURCE must be auto, real or standin, '
+                         f'not {source!r}')
+    if source == 'standin':
+        return standin_facerec_dir(name)
+    url, sha1_hash = d2l.DATA_HUB[name]
+    try:
+        return datahub.download_extract(url, sha1_hash, d2l_face.data_root(),
+                                        subdir=name)
+    except datahub.DownloadError as e:
+        if source == 'real':
+            raise
+        print(f'NOTICE: the real {name} dataset is out of reach ({e}).\n'
+              f'Using the generated stand-in data instead.')
+        return standin_facerec_dir(name)
+
+def standin_facerec_dir(name='faces-casia-ultrasmall'):
+    """Generate (once) and return the stand-in for the ultrasmall set.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    if name != 'faces-casia-ultrasmall':
+        raise ValueError(f'there is a stand-in for faces-casia-ultrasmall '
+                         f'only, not for {name}')
+    return standin.generate(os.path.join(d2l_face.data_root(), 'standin'))
+
+def read_facerec_meta(data_dir):
+    """Read `property`: return the crop size (h, w) and the class count.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    file_name = os.path.join(data_dir, formats.PROPERTY_FILE)
+    try:
+        data = formats.read_regular_file(file_name, max_bytes=1 << 16)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{file_name}: no property file, is '
+                                f'{data_dir} a face dataset folder?') from None
+    text = data.decode('utf-8', errors='replace')
+    first_line = text.replace('\r\n', '\n').replace('\r', '\n').split('\n')[0]
+    return formats.parse_property(first_line, where=file_name)
+
+def read_face_jpeg(path, image_size=None):
+    """Return the bytes of a JPEG file after checking its header and end.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    data = formats.read_regular_file(path)
+    formats.check_jpeg_header(data, path, image_size)
+    # libjpeg decodes a cut-off file with only a warning; a JPEG ends with
+    # the EOI marker, so its absence means the file was truncated.
+    if not data.rstrip(b'\0').endswith(b'\xff\xd9'):
+        raise ValueError(f'{path}: not a complete JPEG file (truncated?)')
+    return data
+
+def read_face_image(path, image_size=None):
+    """Read a JPEG face crop as an RGB uint8 array of shape (h, w, 3).
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    data = read_face_jpeg(path, image_size)
+    image = cv2.imdecode(onp.frombuffer(data, onp.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f'{path}: cannot be decoded as an image')
+    if image_size is not None and image.shape[:2] != tuple(image_size):
+        raise ValueError(f'{path}: decoded to {image.shape[1]}x'
+                         f'{image.shape[0]}, expected {image_size[1]}x'
+                         f'{image_size[0]}')  # e.g. turned by EXIF data
+    return image[:, :, ::-1]
+
+def list_face_jpegs(folder):
+    """Return the paths of the .jpg files in `folder`, sorted by name.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    # os.listdir, not glob: a folder name may hold characters such as '['
+    # that a glob pattern would read as wildcards.
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+            if name.endswith(formats.IMAGE_SUFFIX)]
+
+def read_identity_images(data_dir, person_id, max_num=None):
+    """Read the face crops of one identity, in file-name order.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    folder = os.path.join(data_dir, formats.identity_folder(person_id))
+    paths = list_face_jpegs(folder)[:max_num] if os.path.isdir(folder) else []
+    if not paths:
+        raise FileNotFoundError(f'{folder}: no .jpg images for identity '
+                                f'{person_id}')
+    return [read_face_image(p) for p in paths]
+
+def show_identities(data_dir, person_ids, num_per_id=8, scale=1.2):
+    """Plot `num_per_id` face crops for each identity, one row each.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    imgs, titles = [], []
+    for person_id in person_ids:
+        row = read_identity_images(data_dir, person_id, num_per_id)
+        imgs += row + [onp.zeros_like(row[0])] * (num_per_id - len(row))
+        titles += [f'id {person_id}'] + [''] * (num_per_id - 1)
+    return d2l.show_images(imgs, len(person_ids), num_per_id, titles,
+                           scale=scale)
+
+def list_facerec_images(data_dir, num_classes=None):
+    """Return [(path, label)] for every crop of every identity folder.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    if num_classes is None:
+        num_classes = read_facerec_meta(data_dir)[1]
+    items = []
+    for label in range(num_classes):
+        folder = os.path.join(data_dir, formats.identity_folder(label))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f'{folder}: missing, although property '
+                                    f'says there are {num_classes} classes')
+        paths = list_face_jpegs(folder)
+        if not paths:
+            raise FileNotFoundError(f'{folder}: holds no .jpg images')
+        items += [(path, label) for path in paths]
+    return items
+
+class FaceDataset(torch.utils.data.Dataset):
+    """Face crops with identity labels, randomly flipped left-right.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    def __init__(self, data_dir):
+        self.image_size, self.num_classes = read_facerec_meta(data_dir)
+        self.items = list_facerec_images(data_dir, self.num_classes)
+        self.transform = transforms.Compose([
+            transforms.ToTensor(), transforms.RandomHorizontalFlip()])
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, idx):
+        path, label = self.items[idx]
+        # One contiguous array: ToTensor refuses the reversed-channel view.
+        image = onp.ascontiguousarray(read_face_image(path, self.image_size))
+        return self.transform(image), label
+
+def checked_face_records(items, image_size):
+    """Yield (label, JPEG bytes) of `items`, each checked, read in threads.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    def read(item):
+        jpeg = read_face_jpeg(item[0], image_size)
+        if cv2.imdecode(onp.frombuffer(jpeg, onp.uint8), 1) is None:
+            raise ValueError(f'{item[0]}: cannot be decoded as an image')
+        return item[1], jpeg
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        for first in range(0, len(items), 1024):
+            yield from pool.map(read, items[first:first + 1024])
+
+def pack_face_records(data_dir, name='train', meta=None):
+    """Pack a folder dataset's crops into name.rec/.idx, unless fresh.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    prefix = os.path.join(data_dir, name)
+    packs.check_ours(prefix)  # a pack we did not make is never replaced
+    image_size, num_classes = meta or read_facerec_meta(data_dir)
+    items = list_facerec_images(data_dir, num_classes)
+    sources = packs.fingerprint(data_dir, items)
+    if packs.is_fresh(prefix, len(items), sources):
+        return prefix
+    with packs.staging(prefix) as tmp:
+        recordio.write_pack(tmp, checked_face_records(items, image_size))
+        if packs.fingerprint(data_dir, list_facerec_images(
+                data_dir, num_classes)) != sources:
+            raise RuntimeError(f'{data_dir}: images changed while they were '
+                               f'packed; run again to pack the new ones')
+        packs.publish(tmp, prefix, len(items), sources)
+    return prefix
+
+class FaceRecordIter:
+    """Shuffled, randomly flipped float32 batches from a RecordIO pack."""
+    def __init__(self, prefix, batch_size, image_size=None, num_classes=None,
+                 shuffle=True, flip=True, num_threads=None):
+        """Defined in :numref:`sec_facerecognition_dataset`"""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f'batch_size must be a positive integer, not '
+                             f'{batch_size!r}')
+        self.prefix, self.batch_size = prefix, batch_size
+        self.shuffle, self.flip = shuffle, flip
+        self.pack = recordio.PackReader(prefix, image_size)
+        self.labels = self.pack.labels  # one identity label per image
+        if image_size is None and len(self.pack):
+            image_size = formats.jpeg_size(self.pack.jpeg(0))
+        self.image_size = tuple(image_size or (0, 0))
+        self.num_classes = num_classes or self.pack.num_classes
+        if len(self.pack) and self.pack.labels.max() >= self.num_classes:
+            raise ValueError(f'{prefix}.rec: label {self.pack.labels.max()} '
+                             f'but only {self.num_classes} classes')
+        self.num_threads = num_threads or os.cpu_count() or 1
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads)
+        self._buffers = []  # [batch array, its user]
+
+    def __len__(self):
+        return len(self.pack) // self.batch_size
+
+    def _fill(self, batch, first, records, flips):
+        """Decode, flip and convert images into batch[first:] (a thread).
+    
+        Defined in :numref:`sec_facerecognition_dataset`"""
+        h, w = self.image_size
+        rgb = onp.empty((3, h, w), onp.uint8)
+        planes = [rgb[2], rgb[1], rgb[0]]  # cv2.split writes B, G, R
+        for j, (i, flip) in enumerate(zip(records.tolist(), flips.tolist()),
+                                      first):
+            image = cv2.imdecode(self.pack.jpeg(i), cv2.IMREAD_COLOR)
+            if image is None or image.shape != (h, w, 3):
+                problem = ('cannot be decoded' if image is None else
+                           f'is {image.shape[1]}x{image.shape[0]}, expected '
+                           f'{w}x{h}')
+                raise ValueError(f'{self.prefix}.rec: image {i} {problem}')
+            if flip:
+                image = cv2.flip(image, 1)
+            cv2.split(image, planes)  # BGR (h, w, 3) -> RGB (3, h, w)
+            x = batch[j]
+            x[...] = rgb  # uint8 -> float32
+            x /= 255
+
+    def _submit(self, records, flips):
+        """Start filling a free batch array with `records` in the threads.
+    
+        Defined in :numref:`sec_facerecognition_dataset`"""
+        for slot, (batch, user) in enumerate(self._buffers):
+            if user is None or isinstance(user, weakref.ref) and user() is None:
+                break
+        else:
+            slot, batch = len(self._buffers), onp.empty(
+                (self.batch_size, 3) + self.image_size, onp.float32)
+            self._buffers.append([batch, None])
+        self._buffers[slot][1] = 'filling'
+        chunk = -(-len(records) // (2 * self.num_threads))
+        jobs = [self._pool.submit(self._fill, batch, lo, records[lo:lo + chunk],
+                                  flips[lo:lo + chunk])
+                for lo in range(0, len(records), chunk)]
+        return slot, records, jobs
+    
+
+    def _finish(self, slot, records, jobs):
+        """Wait for a batch and hand it to the framework (without copying).
+    
+        Defined in :numref:`sec_facerecognition_dataset`"""
+        try:
+            for job in jobs:
+                job.result()
+        finally:
+            concurrent.futures.wait(jobs)
+            self._buffers[slot][1] = None
+        view = self._buffers[slot][0].view()
+        X, y = self._wrap(view, self.pack.labels[records])
+        self._buffers[slot][1] = weakref.ref(view)  # dead once X is unused
+        return X, y
+
+    def _wrap(self, X, y):
+        """Hand a NumPy batch and its labels to PyTorch.
+    
+        Defined in :numref:`sec_facerecognition_dataset`"""
+        return torch.from_numpy(X), torch.from_numpy(y)
+
+    def __iter__(self):
+        """Defined in :numref:`sec_facerecognition_dataset`"""
+        n, bs = len(self.pack), self.batch_size
+        order = onp.random.permutation(n) if self.shuffle else onp.arange(n)
+        flips = (onp.random.uniform(size=n) < 0.5 if self.flip
+                 else onp.zeros(n, bool))
+        todo = collections.deque((order[b * bs:(b + 1) * bs],
+                                  flips[b * bs:(b + 1) * bs])
+                                 for b in range(len(self)))
+        pending = collections.deque()
+        try:
+            while todo or pending:
+                while todo and len(pending) < 2:  # this batch and the next
+                    pending.append(self._submit(*todo.popleft()))
+                yield self._finish(*pending.popleft())
+        finally:  # also when a loop stops early: let the threads finish
+            for slot, _, jobs in pending:
+                for job in jobs:
+                    job.cancel()
+                concurrent.futures.wait(jobs)
+                self._buffers[slot][1] = None
+
+def load_bin(path, image_size=(112, 112), max_images=100_000):
+    """Defined in :numref:`sec_facerecognition_dataset`"""
+    """Load a .bin verification set: (images, issame).
+
+    images: uint8 array of shape (2, 2 * num_pairs, 3, h, w), the second
+    copy flipped left-right; issame: bool array of shape (num_pairs,)."""
+    bins, issame = datahub.load_bin_pairs(path)
+    # A face JPEG takes far more than a hundred bytes: more images than
+    # that (beyond a first thousand) means the same bytes listed again.
+    limit = min(max_images, max(1000, os.path.getsize(path) // 100))
+    if len(bins) > limit:
+        raise ValueError(f'{path}: {len(bins)} images, more than the '
+                         f'{limit} allowed for a file of this size')
+    data = onp.empty((2, len(bins), 3) + tuple(image_size), dtype=onp.uint8)
+    for i, jpeg in enumerate(bins):
+        formats.check_jpeg_header(jpeg, f'{path}: image {i}')
+        image = cv2.imdecode(onp.frombuffer(jpeg, onp.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f'{path}: image {i} cannot be decoded')
+        if image.shape[:2] != tuple(image_size):
+            image = cv2.resize(image, tuple(image_size)[::-1])
+        image = image[:, :, ::-1].transpose(2, 0, 1)  # BGR HWC -> RGB CHW
+        data[0, i] = image
+        data[1, i] = image[:, :, ::-1]
+    return data, onp.array(issame, dtype=bool)
+
+def load_data_facerec(data_dir, verification_sets=(), batch_size=512):
+    """Return a training data iterator and a dict of verification sets.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    prefix = os.path.join(data_dir, 'train')
+    foreign = packs.foreign_reason(prefix)  # None: ours, or no pack yet
+    image_size = num_classes = None  # a pack alone tells them itself
+    if not foreign or os.path.exists(os.path.join(data_dir,
+                                                  formats.PROPERTY_FILE)):
+        image_size, num_classes = read_facerec_meta(data_dir)
+    if foreign and os.path.isdir(os.path.join(
+            data_dir, formats.identity_folder(0))):
+        print(f'NOTICE: reading {prefix}.rec as it is ({foreign}); the '
+              f'identity folders next to it are not used.')
+    if not foreign:
+        prefix = pack_face_records(data_dir, meta=(image_size, num_classes))
+    train_iter = FaceRecordIter(prefix, batch_size, image_size, num_classes)
+    sets = {}
+    for name in verification_sets:
+        path = os.path.join(data_dir, name + '.bin')
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{path}: no verification set {name!r}')
+        sets[name] = load_bin(path, train_iter.image_size)
+    return train_iter, sets
+
+def show_verification_pairs(images, issame, num_pairs=6, scale=1.5):
+    """Plot the first pairs of a verification set with their labels.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    first = [images[0, 2 * i].transpose(1, 2, 0) for i in range(num_pairs)]
+    second = [images[0, 2 * i + 1].transpose(1, 2, 0)
+              for i in range(num_pairs)]
+    titles = ['same' if issame[i] else 'different' for i in range(num_pairs)]
+    return d2l.show_images(first + second, 2, num_pairs,
+                           titles + [''] * num_pairs, scale=scale)
+
+def write_insightface_pack(data_dir, out_dir, num_classes=None,
+                           label_vector=False):
+    """Write identities of a folder dataset as InsightFace packs them.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    image_size, all_classes = read_facerec_meta(data_dir)
+    num_classes = num_classes or all_classes
+    items = list_facerec_images(data_dir, all_classes)
+    items = [(path, label) for path, label in items if label < num_classes]
+    os.makedirs(out_dir, exist_ok=True)
+    names = ('train.rec', 'train.idx', formats.PROPERTY_FILE)
+    if any(os.path.lexists(os.path.join(out_dir, n)) for n in names):
+        raise FileExistsError(f'{out_dir}: already holds a pack')
+    with packs.staging(os.path.join(out_dir, 'train')) as tmp:
+        recordio.write_pack(tmp, checked_face_records(items, image_size),
+                            layout='insightface', label_vector=label_vector)
+        with open(tmp + '.property', 'w') as f:
+            f.write(formats.format_property(num_classes, *image_size) + '\n')
+        for ext, n in zip(('.rec', '.idx', '.property'), names):
+            os.replace(tmp + ext, os.path.join(out_dir, n))
+    return out_dir
+
+ARCFACE_TEMPLATE = formats.ARCFACE_TEMPLATE  # (5, 2): x, y in a 112x112 crop
+
+def check_landmarks(landmark):
+    """Return landmarks as a float64 (5, 2) array, or raise ValueError.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    landmark = onp.asarray(landmark, dtype=onp.float64)
+    if landmark.shape != (5, 2):
+        raise ValueError(f'landmark must have shape (5, 2), not '
+                         f'{landmark.shape}')
+    if not onp.isfinite(landmark).all():
+        raise ValueError('landmark holds NaN or infinite values')
+    if onp.abs(landmark).max() >= 1e6:  # far outside any photo
+        raise ValueError(f'landmark coordinates must lie within a million '
+                         f'pixels, not {onp.abs(landmark).max():g}')
+    xs, ys = landmark.T.tolist()
+    mean_x, mean_y = sum(xs) / 5, sum(ys) / 5
+    sxx = syy = sxy = 0.0
+    for x, y in zip(xs, ys):
+        x, y = x - mean_x, y - mean_y
+        sxx, syy, sxy = sxx + x * x, syy + y * y, sxy + x * y
+    # Eigenvalues of [[sxx, sxy], [sxy, syy]], the squared singular values
+    # of the centered points: the larger from the closed form, the smaller as
+    # determinant / larger (which avoids subtracting nearly equal numbers).
+    large = (sxx + syy) / 2 + (((sxx - syy) / 2) ** 2 + sxy ** 2) ** 0.5
+    small = max(sxx * syy - sxy ** 2, 0.0) / large if large > 0 else 0.0
+    if large < 1e-12:  # the points spread less than 1e-6 pixels
+        raise ValueError('landmark points all coincide')
+    if small < 1e-6 * large:  # one axis is 1000 times shorter than the other
+        raise ValueError('landmark points are collinear')
+    return landmark
+
+def estimate_similarity(src, dst):
+    """Least-squares similarity transform mapping src onto dst: (2, 3).
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    xs, ys = onp.asarray(src).T.tolist()
+    us, vs = onp.asarray(dst).T.tolist()
+    n = len(xs)
+    px, py, qx, qy = sum(xs) / n, sum(ys) / n, sum(us) / n, sum(vs) / n
+    norm = dot = cross = 0.0  # the sums in the formulas for a and b
+    for x, y, u, v in zip(xs, ys, us, vs):
+        x, y, u, v = x - px, y - py, u - qx, v - qy
+        norm += x * x + y * y
+        dot += x * u + y * v
+        cross += x * v - y * u
+    a, b = (dot / norm, cross / norm) if norm else (onp.nan, onp.nan)
+    return onp.array([[a, -b, qx - a * px + b * py],
+                      [b, a, qy - b * px - a * py]])
+
+WARP_DTYPES = ('uint8', 'uint16', 'int16', 'float32', 'float64')
+
+def check_image(image):
+    """Return `image` if OpenCV can warp it, else raise ValueError.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    if not isinstance(image, onp.ndarray) or image.ndim not in (2, 3) \
+            or image.size == 0 or image.ndim == 3 and image.shape[2] > 4:
+        raise ValueError('image must be a non-empty numpy array of shape '
+                         '(h, w) or (h, w, c) with at most 4 channels')
+    if image.dtype.name not in WARP_DTYPES:
+        raise ValueError(f'image of dtype {image.dtype}: OpenCV warps only '
+                         f'{", ".join(WARP_DTYPES)}')
+    if max(image.shape[:2]) >= 32767:  # SHRT_MAX, OpenCV's limit
+        raise ValueError(f'image of {image.shape[1]}x{image.shape[0]} '
+                         f'pixels: OpenCV warps sides below 32767 only')
+    return image
+
+def face_align(image, landmark, image_size=112):
+    """Warp a face so its 5 landmarks match the ArcFace template.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    if isinstance(image_size, bool) or not isinstance(
+            image_size, (int, onp.integer)) or not 0 < image_size < 32767:
+        raise ValueError(f'image_size must be a positive integer below '
+                         f'32767, not {image_size!r}')
+    M = estimate_similarity(check_landmarks(landmark), ARCFACE_TEMPLATE *
+                            (image_size / formats.TEMPLATE_SIZE))
+    return cv2.warpAffine(check_image(image), M, (int(image_size),) * 2,
+                          borderValue=0.0)
+
+def read_state_dict(path, max_bytes=1 << 30):
+    """Tensors by name from a PyTorch file, without running code from it.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    import io
+    import torch  # imported on use: the MXNet library need not load PyTorch
+    data = formats.read_regular_file(path, max_bytes)  # refuses FIFOs too
+    try:
+        # The restricted unpickler builds tensors, dicts and numbers only;
+        # any other global that the pickle names is refused, never called.
+        state = torch.load(io.BytesIO(data), map_location='cpu',
+                           weights_only=True)
+    except Exception as e:  # nothing from the file has run: it is malformed
+        # PyTorch's message opens with advice to load unsafely; keep the cause.
+        cause = [line for line in str(e).splitlines()
+                 if line.strip() and 'weights_only' not in line]
+        raise ValueError(f'{path}: not a PyTorch file of plain tensors '
+                         f'({cause[0] if cause else type(e).__name__})') from e
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor)
+            for k, v in state.items()):
+        raise ValueError(f'{path}: holds a {type(state).__name__}, not a '
+                         f'state dict of named tensors')
+    return state
+
+def load_mtcnn(folder=None):
+    """MTCNN's P-Net, R-Net and O-Net, weights read by `read_state_dict`.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    import facenet_pytorch  # PyTorch modules, in the MXNet tab too
+    if folder is None:  # the weights ship inside the package
+        folder = os.path.join(os.path.dirname(facenet_pytorch.__file__),
+                              'data')
+    nets = []
+    for name, net_class in [('pnet', facenet_pytorch.PNet),
+                            ('rnet', facenet_pytorch.RNet),
+                            ('onet', facenet_pytorch.ONet)]:
+        path = os.path.join(folder, name + '.pt')
+        net = net_class(pretrained=False)  # True would unpickle freely
+        try:
+            net.load_state_dict(read_state_dict(path))
+        except RuntimeError as e:  # names or shapes that do not fit the net
+            raise ValueError(f'{path}: not the weights of {name}: {e}') from e
+        nets.append(net.eval())
+    return nets
+
+def check_photo(image):
+    """Return `image` if it is an RGB uint8 photo (h, w, 3), else raise.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    if not isinstance(image, onp.ndarray) or image.ndim != 3 \
+            or image.shape[2] != 3 or image.size == 0:
+        shape = getattr(image, 'shape', type(image).__name__)
+        raise ValueError(f'expected an RGB photo of shape (h, w, 3), not '
+                         f'{shape}')
+    if image.dtype != onp.uint8:
+        raise ValueError(f'expected a uint8 photo (0..255), not {image.dtype}')
+    return image
+
+def detect_faces(image, nets=None, min_face_size=20):
+    """Faces in an RGB photo: [(box, score, landmarks)], best score first.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    import torch
+    from facenet_pytorch.models.utils.detect_face import detect_face
+    check_photo(image)
+    if isinstance(min_face_size, bool) or not isinstance(
+            min_face_size, (int, onp.integer)) or min_face_size < 12:
+        raise ValueError(f'min_face_size must be an integer of at least 12 '
+                         f'(P-Net\'s window), not {min_face_size!r}')
+    if min(image.shape[:2]) < min_face_size:
+        return []  # and MTCNN's image pyramid would be empty
+    nets = load_mtcnn() if nets is None else nets
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            boxes, points = detect_face(image, min_face_size, *nets,
+                                        [0.6, 0.7, 0.7], 0.709, 'cpu')
+    finally:
+        torch.set_num_threads(threads)
+    faces = [(onp.array(box[:4], dtype=onp.float64), float(box[4]),
+              onp.array(landmarks, dtype=onp.float64))
+             for box, landmarks in zip(boxes[0], points[0])]
+    return sorted(faces, key=lambda face: -face[1])
 
 class FaceResidual(nn.Module):
     """Residual unit of Face-ResNet: BN-conv-BN-PReLU-conv-BN + shortcut.

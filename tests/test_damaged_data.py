@@ -8,13 +8,12 @@ import os
 import shutil
 import tempfile
 
-import cv2
 import numpy as onp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from d2l_face import datahub, formats, standin
+from d2l_face import datahub, formats, packs, standin
 from d2l_face import mxnet as d2lf
 
 SETTINGS = settings(max_examples=60, deadline=None,
@@ -198,8 +197,8 @@ def test_any_other_marker_is_not_fresh(value, tweak, packed):
     with open(prefix + '.d2l-pack.json', 'w') as f:
         json.dump(marker, f)
     try:
-        fresh = d2lf.pack_is_fresh(prefix, good['num_records'],
-                                   good['sources'])
+        fresh = packs.is_fresh(prefix, good['num_records'],
+                               good['sources'])
     finally:
         with open(prefix + '.d2l-pack.json', 'w') as f:
             json.dump(good, f)

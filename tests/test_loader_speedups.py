@@ -15,11 +15,16 @@ import cv2
 import numpy as onp
 import pytest
 
-from d2l_face import recordio, standin
+from d2l_face import packs, recordio, standin, temps
 from d2l_face import mxnet as d2lf
 
 from conftest import NUM_CLASSES, PER_CLASS
 MAGIC = struct.pack('<I', recordio.MAGIC)
+
+
+def temporaries(folder):
+    """The names in `folder` that d2l_face.temps made."""
+    return [n for n in os.listdir(folder) if temps.parse(n) is not None]
 
 
 @pytest.fixture
@@ -160,7 +165,7 @@ def test_load_data_facerec_uses_the_pack(data_dir):
     assert train_iter.pack.layout == 'flat'
     for name in ('train.rec', 'train.idx', 'train.d2l-pack.json'):
         assert os.path.isfile(os.path.join(data_dir, name))
-    assert not [n for n in os.listdir(data_dir) if 'tmp' in n]
+    assert not temporaries(data_dir)
 
 
 def test_bad_batch_size():
@@ -291,18 +296,66 @@ def test_pack_is_rebuilt_when_the_dataset_changes(data_dir, change):
     assert len(train_iter) == len(items)
 
 
-@pytest.mark.parametrize('damage', ['no .idx', 'short .rec', 'no marker rec'])
+@pytest.mark.parametrize('damage', ['no .idx', 'no .rec', 'neither'])
 def test_incomplete_own_pack_is_rebuilt(data_dir, damage):
     prefix = d2lf.pack_face_records(data_dir)
-    if damage == 'no .idx':
-        os.remove(prefix + '.idx')
-    elif damage == 'short .rec':
-        with open(prefix + '.rec', 'r+b') as f:
-            f.truncate(1000)
-    else:
-        os.remove(prefix + '.rec')
+    for ext in ('.rec', '.idx'):
+        if damage in ('no ' + ext, 'neither'):
+            os.remove(prefix + ext)
     d2lf.pack_face_records(data_dir)
     assert len(d2lf.FaceRecordIter(prefix, 1)) == NUM_CLASSES * PER_CLASS
+
+
+@pytest.mark.parametrize('change', ['shorter .rec', 'longer .idx',
+                                    'a link', 'a folder'])
+def test_own_pack_changed_since_is_not_ours_any_more(data_dir, tmp_path,
+                                                     change, capsys):
+    prefix = d2lf.pack_face_records(data_dir)
+    if change == 'shorter .rec':
+        with open(prefix + '.rec', 'r+b') as f:
+            f.truncate(1000)
+    elif change == 'longer .idx':
+        with open(prefix + '.idx', 'ab') as f:
+            f.write(b'999\t0\n')
+    else:
+        os.rename(prefix + '.rec', tmp_path / 'elsewhere.rec')
+        if change == 'a link':
+            os.symlink(tmp_path / 'elsewhere.rec', prefix + '.rec')
+        else:
+            os.mkdir(prefix + '.rec')
+    before = tree(data_dir)
+    with pytest.raises(packs.ForeignPackError,
+                       match='not made by d2l_face') as error:
+        d2lf.pack_face_records(data_dir)
+    assert str(error.value).startswith(prefix + '.rec/.idx: ')
+    if change.endswith(('.rec', '.idx')):  # the sizes are named
+        ext = change[-4:]
+        assert f'{prefix}{ext} holds {os.path.getsize(prefix + ext)} bytes' \
+            in str(error.value)
+    assert 'delete' not in str(error.value).lower()
+    if change == 'a link':  # read as it is: the pack the link points to
+        train_iter, _ = d2lf.load_data_facerec(data_dir, [], 4)
+        assert len(train_iter) == NUM_CLASSES * PER_CLASS // 4
+    else:  # read as it is: damaged, refused by name
+        with pytest.raises(recordio.PackError, match=r'train\.(rec|idx)'):
+            d2lf.load_data_facerec(data_dir, [], 4)
+    assert 'NOTICE' in capsys.readouterr().out
+    assert tree(data_dir) == before  # nothing replaced, nothing removed
+
+
+def tree(folder):
+    """{name: bytes, or the link's target} of the files in `folder`."""
+    out = {}
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.islink(path):
+            out[name] = os.readlink(path)
+        elif os.path.isfile(path):
+            with open(path, 'rb') as f:
+                out[name] = f.read()
+        else:
+            out[name] = sorted(os.listdir(path))
+    return out
 
 
 def marker_variants(good):
@@ -320,25 +373,42 @@ def marker_variants(good):
     yield 'other version', dict(good, version=good['version'] + 1)
     yield 'other sources', dict(good, sources='0' * 40)
     yield 'other size', dict(good, rec_bytes=good['rec_bytes'] + 4)
+    # What a packer that was killed while renaming leaves: ours, not fresh.
+    yield 'a claim', {'format': good['format'], 'version': good['version'],
+                      'packing': True, 'rec_bytes': [None, good['rec_bytes']],
+                      'idx_bytes': [good['idx_bytes'], 7]}
+
+
+# Markers that cannot vouch for the files as they are: their packs are not
+# ours to replace any more. The other variants are ours, but never fresh.
+FOREIGN_MARKERS = {'not JSON', 'a list', 'building', 'without format',
+                   'without rec_bytes', 'without idx_bytes', 'other size'}
 
 
 def test_a_marker_of_the_wrong_shape_is_never_fresh(data_dir):
     import json
     prefix = d2lf.pack_face_records(data_dir)
-    marker = prefix + '.d2l-pack.json'
+    marker = prefix + packs.MARKER
     with open(marker) as f:
         good = json.load(f)
     items = d2lf.list_facerec_images(data_dir)
-    sources = d2lf.facerec_fingerprint(data_dir, items)
-    assert d2lf.pack_is_fresh(prefix, len(items), sources)
+    sources = packs.fingerprint(data_dir, items)
+    assert packs.is_fresh(prefix, len(items), sources)
     for name, bad in marker_variants(good):
         with open(marker, 'w') as f:
             f.write(bad if isinstance(bad, str) else json.dumps(bad))
-        assert not d2lf.pack_is_fresh(prefix, len(items), sources), name
-    built = rec_inode(data_dir)
-    d2lf.pack_face_records(data_dir)  # ours (named marker), so rebuilt
-    assert rec_inode(data_dir) != built
-    assert d2lf.pack_is_fresh(prefix, len(items), sources)
+        assert not packs.is_fresh(prefix, len(items), sources), name
+        ours = name not in FOREIGN_MARKERS
+        assert (packs.foreign_reason(prefix) is None) == ours, name
+        built = rec_inode(data_dir)
+        if ours:
+            d2lf.pack_face_records(data_dir)  # rebuilt, and fresh again
+            assert rec_inode(data_dir) != built, name
+            assert packs.is_fresh(prefix, len(items), sources), name
+        else:
+            with pytest.raises(packs.ForeignPackError, match='not made by'):
+                d2lf.pack_face_records(data_dir)
+            assert rec_inode(data_dir) == built, name
 
 
 def test_an_image_replaced_while_packing_leaves_no_fresh_pack(data_dir,
@@ -361,11 +431,11 @@ def test_an_image_replaced_while_packing_leaves_no_fresh_pack(data_dir,
         d2lf.pack_face_records(data_dir)
     names = os.listdir(data_dir)
     assert 'train.rec' not in names and 'train.idx' not in names
-    assert not [n for n in names if 'tmp' in n]
+    assert not temporaries(data_dir)
     monkeypatch.undo()
     prefix = d2lf.pack_face_records(data_dir)  # the next run packs it
     new_items = d2lf.list_facerec_images(data_dir)
-    assert d2lf.pack_is_fresh(prefix, len(new_items), d2lf.facerec_fingerprint(
+    assert packs.is_fresh(prefix, len(new_items), packs.fingerprint(
         data_dir, new_items))
 
 
@@ -379,7 +449,7 @@ def test_packing_names_a_bad_image_and_leaves_no_pack(data_dir):
         d2lf.pack_face_records(data_dir)
     names = os.listdir(data_dir)
     assert 'train.rec' not in names and 'train.idx' not in names
-    assert not [n for n in names if 'tmp' in n]
+    assert not temporaries(data_dir)
 
 
 def test_a_full_disk_while_packing_still_cleans_up(data_dir, monkeypatch):
@@ -398,7 +468,33 @@ def test_a_full_disk_while_packing_still_cleans_up(data_dir, monkeypatch):
         d2lf.pack_face_records(data_dir)
     names = os.listdir(data_dir)
     assert 'train.rec' not in names and 'train.idx' not in names
-    assert not [n for n in names if 'tmp' in n]
+    assert not temporaries(data_dir)
+
+
+def test_a_packer_stopped_between_its_renames_leaves_a_pack_of_ours(
+        data_dir, monkeypatch):
+    prefix = d2lf.pack_face_records(data_dir)
+    shutil.copy(d2lf.list_facerec_images(data_dir)[0][0],
+                os.path.join(data_dir, '00000000', 'extra.jpg'))
+    replace, calls = os.replace, []
+
+    def die_after_the_rec(src, dst):
+        calls.append(dst)
+        if dst == prefix + '.idx':  # .rec is new, .idx still the old one
+            raise KeyboardInterrupt
+        replace(src, dst)
+    monkeypatch.setattr(os, 'replace', die_after_the_rec)
+    with pytest.raises(KeyboardInterrupt):
+        d2lf.pack_face_records(data_dir)
+    monkeypatch.undo()
+    assert calls[-2:] == [prefix + '.rec', prefix + '.idx']
+    assert not temporaries(data_dir)
+    assert packs.foreign_reason(prefix) is None  # the claim vouches for both
+    d2lf.pack_face_records(data_dir)
+    items = d2lf.list_facerec_images(data_dir)
+    assert packs.is_fresh(prefix, len(items), packs.fingerprint(data_dir,
+                                                                items))
+    assert len(d2lf.FaceRecordIter(prefix, 1)) == len(items)
 
 
 def dead_pid():
@@ -411,22 +507,60 @@ def dead_pid():
 
 
 def test_stale_temporary_files_of_dead_packers_are_removed(data_dir):
-    import socket
-    dead = d2lf.pack_tmp_prefix(data_dir, 'train', pid=dead_pid())
-    alive = d2lf.pack_tmp_prefix(data_dir, 'train', pid=os.getppid())
-    elsewhere = os.path.join(data_dir, f'train.d2l-tmp.not-'
-                             f'{socket.gethostname()}.{dead_pid()}')
-    others = [os.path.join(data_dir, 'train.d2l-tmp.notes.txt'),
+    dead = temps.temp_path(data_dir, suffix='.train', pid=dead_pid())
+    dead_download = temps.temp_path(data_dir, suffix='.part', pid=dead_pid())
+    alive = temps.temp_path(data_dir, suffix='.train', pid=os.getppid())
+    elsewhere = os.path.join(data_dir, f'{temps.PREFIX}otherhost-'
+                             f'{dead_pid()}-{"0" * 16}.train')
+    others = [os.path.join(data_dir, f'{temps.PREFIX}notes.txt'),
               os.path.join(data_dir, 'mine.rec')]
-    for path in [dead + '.rec', dead + '.idx', alive + '.rec',
+    for path in [dead + '.rec', dead + '.idx', dead_download, alive + '.rec',
                  elsewhere + '.rec'] + others:
         with open(path, 'wb') as f:
             f.write(b'partial')
     d2lf.pack_face_records(data_dir)
-    assert not os.path.exists(dead + '.rec')
-    assert not os.path.exists(dead + '.idx')
+    for path in [dead + '.rec', dead + '.idx', dead_download]:
+        assert not os.path.exists(path), path
     for path in [alive + '.rec', elsewhere + '.rec'] + others:
         assert os.path.exists(path), path
+
+
+def test_a_packer_killed_midway_leaves_what_the_next_run_removes(data_dir):
+    import signal
+    import subprocess
+    import sys
+    from conftest import REPO
+    # The child writes part of the pack, then waits to be killed.
+    script = (
+        'import sys, time\n'
+        'from d2l_face import recordio\n'
+        'from d2l_face import mxnet as d2lf\n'
+        'write_pack = recordio.write_pack\n'
+        'def stall(prefix, records, **kwargs):\n'
+        '    def some():\n'
+        '        for i, record in enumerate(records):\n'
+        '            if i == 7:\n'
+        '                print("stalled", flush=True)\n'
+        '                time.sleep(60)\n'
+        '            yield record\n'
+        '    return write_pack(prefix, some(), **kwargs)\n'
+        'recordio.write_pack = stall\n'
+        'd2lf.pack_face_records(sys.argv[1])\n')
+    child = subprocess.Popen([sys.executable, '-c', script, data_dir],
+                             stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=REPO))
+    try:
+        assert child.stdout.readline() == 'stalled\n'
+        assert temporaries(data_dir)  # the half-written pack
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+    prefix = d2lf.pack_face_records(data_dir)
+    assert not temporaries(data_dir)
+    items = d2lf.list_facerec_images(data_dir)
+    assert packs.is_fresh(prefix, len(items), packs.fingerprint(data_dir,
+                                                                items))
 
 
 @pytest.mark.parametrize('umask', [0o002, 0o027])

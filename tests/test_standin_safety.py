@@ -366,3 +366,14 @@ def test_workers_end_with_their_parent(tmp_path, sig, pdeathsig):
                 pass
         parent.wait(timeout=30)
         psutil.wait_procs(children, timeout=10)
+
+
+def test_is_standin_tells_its_own_dataset_from_others(standin_root, tmp_path):
+    ours = os.path.join(str(standin_root), standin.DATASET_DIR)
+    assert standin.is_standin(ours)
+    assert not standin.is_standin(str(standin_root))
+    assert not standin.is_standin(str(tmp_path / 'missing'))
+    foreign = tmp_path / 'foreign'
+    foreign.mkdir()
+    (foreign / standin.FOLDER_MARKER).write_text('[1, 2]')
+    assert not standin.is_standin(str(foreign))

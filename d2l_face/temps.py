@@ -1,0 +1,128 @@
+"""Temporary names that say who made them, and the clean-up after a killed run.
+
+Everything d2l_face publishes (a download, an extracted archive, a pack, the
+stand-in) is written under a temporary name first and renamed into place
+when complete. A process killed with SIGKILL runs no clean-up, so every
+temporary name carries the machine and the process that made it::
+
+    <prefix><host>-<pid>-<16 random hex digits><suffix>
+
+A later run calls :func:`remove_stale`, which removes the entries of its own
+machine whose process no longer exists, and nothing else: files of a process
+that still runs, of another machine sharing the folder, or named otherwise
+are left alone, links are never followed, and the folder's entries are
+listed and parsed, never matched with a glob pattern (a folder named
+``data[1]`` cannot reach into ``data1``). Files and folders are created with
+the user's umask, as any file the user makes.
+"""
+import os
+import re
+import secrets
+import shutil
+import socket
+
+# The prefix of every temporary name d2l_face makes (the stand-in keeps its
+# own, so that folders of earlier versions are still recognized).
+PREFIX = '.d2l-face-'
+HOST = re.sub(r'[^A-Za-z0-9]', '', socket.gethostname())[:32] or 'host'
+_NAME = re.compile(r'(?P<host>[A-Za-z0-9]{1,64})-(?P<pid>[0-9]{1,10})-'
+                   r'[0-9a-f]{16}(?P<suffix>.*)', re.DOTALL)
+
+
+def temp_name(prefix=PREFIX, suffix='', pid=None):
+    """A new temporary name of this process (or of process `pid`)."""
+    pid = os.getpid() if pid is None else pid
+    return f'{prefix}{HOST}-{pid}-{secrets.token_hex(8)}{suffix}'
+
+
+def temp_path(folder, prefix=PREFIX, suffix='', pid=None):
+    """`folder` joined with a new :func:`temp_name`."""
+    return os.path.join(folder, temp_name(prefix, suffix, pid))
+
+
+def longest_name(prefix=PREFIX, suffix=''):
+    """The length of the longest name :func:`temp_name` can make."""
+    return len(f'{prefix}{HOST}-{2 ** 32}-{"0" * 16}{suffix}')
+
+
+def parse(name, prefix=PREFIX):
+    """Return (host, pid, suffix) of a temporary name, or None if not one."""
+    if not name.startswith(prefix):
+        return None
+    match = _NAME.fullmatch(name, len(prefix))
+    if match is None:
+        return None
+    return match['host'], int(match['pid']), match['suffix']
+
+
+def create_file(folder, prefix=PREFIX, suffix='', mode='wb'):
+    """Create a new temporary file in `folder`; return (path, open file).
+
+    Created with permissions 0o666 less the umask, as any file the user
+    makes (``tempfile`` would make it 0o600 for good)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0)
+    while True:
+        path = temp_path(folder, prefix, suffix)
+        try:
+            fd = os.open(path, flags, 0o666)
+        except FileExistsError:
+            continue
+        return path, os.fdopen(fd, mode)
+
+
+def create_dir(folder, prefix=PREFIX, suffix='', mode=0o777):
+    """Create a new temporary folder in `folder` (`mode` less the umask)."""
+    while True:
+        path = temp_path(folder, prefix, suffix)
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            continue
+        return path
+
+
+def pid_alive(pid):
+    """False only when no process `pid` exists on this machine."""
+    if os.name != 'posix' or pid <= 0:
+        return True  # cannot prove it dead (and Windows' os.kill would kill)
+    try:
+        os.kill(pid, 0)  # signal 0 only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, as another user
+        return True
+    return True
+
+
+def stale(folder, prefix=PREFIX):
+    """The (path, suffix) of temporaries in `folder` whose process is dead."""
+    try:
+        with os.scandir(folder) as entries:
+            found = [(entry.path, parse(entry.name, prefix))
+                     for entry in entries]
+    except OSError:
+        return []
+    return [(path, owner[2]) for path, owner in found
+            if owner is not None and owner[0] == HOST
+            and not pid_alive(owner[1])]
+
+
+def remove_stale(folder, prefix=PREFIX, before_removing=None):
+    """Remove the temporaries a dead process of this machine left in `folder`.
+
+    Only regular files and real folders go, never links. For a folder,
+    `before_removing(path, suffix)` runs first (to rescue what it holds);
+    if it raises OSError, the folder stays. Best effort: a failure here
+    never stops the caller."""
+    for path, suffix in stale(folder, prefix):
+        try:
+            if os.path.islink(path):
+                continue
+            if os.path.isdir(path):
+                if before_removing is not None:
+                    before_removing(path, suffix)
+                shutil.rmtree(path)
+            elif os.path.isfile(path):
+                os.remove(path)
+        except OSError:
+            pass  # gone already (another run cleaning up), or not ours to remove
