@@ -1,12 +1,17 @@
-"""Run a distributed key-value store job (scheduler, servers, workers) locally.
+"""Run a distributed training job's processes locally, orphaning none.
 
-MXNet's ``dist_sync`` store is a parameter server from the DMLC ps-lite
-library: every process learns its role and the scheduler's address from
-``DMLC_*`` environment variables. This module starts all the processes of
-such a job on 127.0.0.1 as children of the calling process, collects the
-workers' output, and makes sure that none of them outlives the job: not
-when a process fails, not at a timeout, not when the caller is interrupted,
-and not when the caller itself is terminated or killed.
+Two kinds of job are started on 127.0.0.1 as children of the calling
+process. MXNet's ``dist_sync`` store is a parameter server from the DMLC
+ps-lite library: every process learns its role and the scheduler's address
+from ``DMLC_*`` environment variables (`launch_local_cluster`). PyTorch's
+``torch.distributed`` has no servers: ``torchrun`` starts one process per
+rank and tells each its rank and where rank 0 listens through the
+environment variables ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``
+(`launch_local_torchrun` sets them the same way). Either launcher collects
+the workers' output and makes sure that none of the processes outlives the
+job: not when a process fails, not at a timeout, not when the caller is
+interrupted, and not when the caller itself is terminated or killed.
 
 It imports no deep learning framework: the scheduler and the servers run
 ``python -c "import mxnet"`` (importing MXNet with ``DMLC_ROLE`` set starts
@@ -73,12 +78,32 @@ def cluster_env(port, num_workers, num_servers, host=LOOPBACK):
             'DMLC_NUM_WORKER': str(num_workers), 'DMLC_NODE_HOST': host}
 
 
+def torchrun_env(port, local_rank, nproc_per_node, node_rank=0, nnodes=1,
+                 master_addr=LOOPBACK):
+    """The variables torchrun gives the process `local_rank` of a node.
+
+    The arguments are torchrun's: ``--nproc_per_node``, ``--node_rank``,
+    ``--nnodes``, ``--master_addr`` and ``--master_port``; rank 0 listens
+    on `master_addr`:`port` for the others to join it."""
+    if not 0 <= local_rank < nproc_per_node or not 0 <= node_rank < nnodes:
+        raise ValueError(f'need 0 <= local_rank < nproc_per_node and '
+                         f'0 <= node_rank < nnodes, not local_rank '
+                         f'{local_rank}, nproc_per_node {nproc_per_node}, '
+                         f'node_rank {node_rank}, nnodes {nnodes}')
+    return {'MASTER_ADDR': master_addr, 'MASTER_PORT': str(port),
+            'RANK': str(node_rank * nproc_per_node + local_rank),
+            'WORLD_SIZE': str(nnodes * nproc_per_node),
+            'LOCAL_RANK': str(local_rank),
+            'LOCAL_WORLD_SIZE': str(nproc_per_node),
+            'GROUP_RANK': str(node_rank)}
+
+
 class _Job:
     """The processes of one job, their output files, and the watchdog."""
 
     def __init__(self, env, python):
         self.env, self.python = env, python
-        self.procs, self.roles, self.logs = [], [], []
+        self.procs, self.roles, self.logs, self.awaited = [], [], [], []
         read_end, self.watch = os.pipe()  # neither end is inherited
         try:
             self.watchdog = subprocess.Popen(
@@ -90,12 +115,15 @@ class _Job:
         finally:
             os.close(read_end)
 
-    def start(self, role, args):
+    def start(self, role, args, env, awaited):
+        """Start `python *args` with `env` added; `awaited`: a worker."""
         # A file, not a pipe: a full pipe that nobody reads blocks the child.
         self.logs.append(tempfile.TemporaryFile())
         self.roles.append(role)
+        if awaited:
+            self.awaited.append(len(self.procs))
         proc = subprocess.Popen(
-            [self.python] + list(args), env=dict(self.env, DMLC_ROLE=role),
+            [self.python] + list(args), env=dict(self.env, **env),
             stdin=subprocess.DEVNULL, stdout=self.logs[-1],
             stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
@@ -107,7 +135,7 @@ class _Job:
 
     def wait_for_workers(self, timeout):
         """Wait until every worker succeeded; raise when any process fails."""
-        workers = [i for i, role in enumerate(self.roles) if role == 'worker']
+        workers = self.awaited
         deadline = time.monotonic() + timeout
         while not all(self.procs[i].poll() == 0 for i in workers):
             # Any failure dooms the job: the others would wait for it forever.
@@ -167,14 +195,48 @@ def launch_local_cluster(worker_args, num_workers=2, num_servers=1,
                                            num_servers), **(env or {})}
     job, finished = _Job(job_env, python), False
     try:
-        job.start('scheduler', server_args)
+        job.start('scheduler', server_args, {'DMLC_ROLE': 'scheduler'}, False)
         for _ in range(num_servers):
-            job.start('server', server_args)
+            job.start('server', server_args, {'DMLC_ROLE': 'server'}, False)
         for _ in range(num_workers):
-            job.start('worker', worker_args)
+            job.start('worker', worker_args, {'DMLC_ROLE': 'worker'}, True)
         outputs = job.wait_for_workers(timeout)
         finished = True
         return outputs
     finally:
         # After a success the scheduler and the servers stop on their own.
+        job.end(grace=10 if finished else 0)
+
+
+def launch_local_torchrun(worker_args, nproc_per_node=2, timeout=300,
+                          env=None, python=None):
+    """Run `nproc_per_node` ranks on 127.0.0.1 as torchrun would start them.
+
+    Every rank runs ``python *worker_args`` with the variables of
+    `torchrun_env` for its rank, a free port for rank 0, and, as torchrun
+    sets it when there are several ranks and the caller did not, one
+    OpenMP thread per rank, so that the ranks do not fight over the cores;
+    `env` adds or overrides variables. Returns the output of every rank, in
+    rank order. A rank that fails raises `RuntimeError` with its output and
+    a job that runs past `timeout` seconds raises `TimeoutError`; either
+    way, and on any interruption, every process of the job is ended, as in
+    `launch_local_cluster`.
+    """
+    if nproc_per_node < 1:
+        raise ValueError(f'need at least one process, not {nproc_per_node}')
+    if not timeout > 0:
+        raise ValueError(f'timeout must be positive, not {timeout!r}')
+    threads = {} if nproc_per_node == 1 or 'OMP_NUM_THREADS' in os.environ \
+        else {'OMP_NUM_THREADS': '1'}
+    job = _Job({**os.environ, **threads}, python or sys.executable)
+    finished, port = False, free_port()
+    try:
+        for rank in range(nproc_per_node):
+            job.start(f'rank {rank}', worker_args, {
+                **torchrun_env(port, rank, nproc_per_node), **(env or {})},
+                True)
+        outputs = job.wait_for_workers(timeout)
+        finished = True
+        return outputs
+    finally:
         job.end(grace=10 if finished else 0)

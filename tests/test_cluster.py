@@ -153,3 +153,104 @@ def test_the_job_ends_when_its_parent_is_killed(sig):
         parent.kill()
         parent.wait()
         end_all(procs)
+
+
+# ------------------------------------------------------ torchrun-style jobs
+
+def test_torchrun_env_numbers_ranks_over_machines():
+    env = cluster.torchrun_env(29500, local_rank=2, nproc_per_node=4,
+                               node_rank=1, nnodes=2, master_addr='10.0.0.1')
+    assert env == {'MASTER_ADDR': '10.0.0.1', 'MASTER_PORT': '29500',
+                   'RANK': '6', 'WORLD_SIZE': '8', 'LOCAL_RANK': '2',
+                   'LOCAL_WORLD_SIZE': '4', 'GROUP_RANK': '1'}
+    assert cluster.torchrun_env(9, 0, 1)['MASTER_ADDR'] == '127.0.0.1'
+
+
+@pytest.mark.parametrize('local_rank,nproc,node_rank,nnodes',
+                         [(2, 2, 0, 1), (-1, 2, 0, 1), (0, 2, 1, 1),
+                          (0, 0, 0, 1)])
+def test_torchrun_env_refuses_ranks_out_of_range(local_rank, nproc,
+                                                 node_rank, nnodes):
+    with pytest.raises(ValueError, match='local_rank'):
+        cluster.torchrun_env(9, local_rank, nproc, node_rank, nnodes)
+
+
+SHOW_RANK = ('import os; print(" ".join(os.environ.get(k, "-") for k in '
+             '["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", '
+             '"MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "EXTRA"]))')
+
+
+def test_ranks_get_their_variables_and_their_output_returns_in_order(
+        descendants, monkeypatch):
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    outputs = cluster.launch_local_torchrun(['-c', SHOW_RANK], 3, timeout=60,
+                                            env={'EXTRA': 'yes'})
+    fields = [o.split() for o in outputs]
+    assert [f[:5] for f in fields] == [
+        [str(r), '3', str(r), '3', '127.0.0.1'] for r in range(3)]
+    assert len({f[5] for f in fields}) == 1  # one port, rank 0's
+    assert 1024 <= int(fields[0][5]) < 65536
+    assert [f[6:] for f in fields] == [['1', 'yes']] * 3
+
+
+def test_the_callers_thread_count_and_one_rank_keep_their_threads(
+        descendants, monkeypatch):
+    monkeypatch.setenv('OMP_NUM_THREADS', '3')
+    assert cluster.launch_local_torchrun(['-c', SHOW_RANK], 2, timeout=60)[
+        1].split()[6] == '3'
+    monkeypatch.delenv('OMP_NUM_THREADS')
+    assert cluster.launch_local_torchrun(['-c', SHOW_RANK], 1, timeout=60)[
+        0].split()[6] == '-'
+
+
+def test_a_failing_rank_raises_with_its_output_and_ends_the_rest(
+        descendants):
+    code = ('import os, sys, time\n'
+            'if os.environ["RANK"] == "1":\n'
+            '    print("bad input"); sys.exit(3)\n'
+            'time.sleep(600)')
+    tic = time.monotonic()
+    with pytest.raises(RuntimeError, match=r'rank 1 failed with exit code 3'
+                       r'(.|\n)*bad input'):
+        cluster.launch_local_torchrun(['-c', code], 2, timeout=60)
+    assert time.monotonic() - tic < 30  # failed at once, did not time out
+
+
+def test_a_torchrun_timeout_raises_and_ends_everything(descendants):
+    with pytest.raises(TimeoutError, match='after 1 s'):
+        cluster.launch_local_torchrun(SLEEP, 2, timeout=1)
+
+
+@pytest.mark.parametrize('nproc,timeout', [(0, 10), (1, 0)])
+def test_bad_torchrun_arguments_are_refused(nproc, timeout):
+    with pytest.raises(ValueError):
+        cluster.launch_local_torchrun(QUICK, nproc, timeout=timeout)
+
+
+TORCHRUN_PARENT = ('import sys; from d2l_face import cluster; '
+                   'cluster.launch_local_torchrun(["-c", sys.argv[1]], 2, '
+                   'timeout=600)')
+
+
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM,
+                                 signal.SIGINT], ids=lambda sig: sig.name)
+def test_the_ranks_end_when_their_parent_is_killed(sig):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    parent = subprocess.Popen([sys.executable, '-c', TORCHRUN_PARENT,
+                               WORKER_WITH_CHILD], env=env)
+    procs = []
+    try:
+        # the watchdog, two ranks and their two children
+        deadline = time.monotonic() + 60
+        while len(procs) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            procs = psutil.Process(parent.pid).children(recursive=True)
+        assert len(procs) == 5, procs
+        parent.send_signal(sig)
+        parent.wait(timeout=30)
+        left = wait_until_gone(procs, timeout=5)
+        assert not left, f'{sig.name}: still running {left}'
+    finally:
+        parent.kill()
+        parent.wait()
+        end_all(procs)
