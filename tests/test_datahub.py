@@ -401,7 +401,7 @@ def test_failed_extraction_keeps_previous_one(layout):
     ('cut.zip', GOOD_ZIP[:len(GOOD_ZIP) // 2]),
     ('cut.tar.gz', tar_bytes(F('a', PAYLOAD), mode='w:gz')[:50_000]),
     ('garbage.tar', b'not a tar archive at all' * 40),
-])
+], ids=['cut.zip', 'cut.tar.gz', 'garbage.tar'])  # gzip's header holds a time
 def test_corrupt_archive(layout, name, data):
     archive = layout / 'archives' / name
     archive.write_bytes(data)
