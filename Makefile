@@ -38,8 +38,9 @@ notebooks: $(STAMP)
 
 # The tests run in one worker per core (TEST_WORKERS=0 runs them in this
 # process); each notebook goes whole to one worker (--dist loadscope), and
-# conftest.py starts the two training notebooks first. The stand-in is packed
-# before, so that no two notebooks write its pack at the same time.
+# conftest.py starts the two training notebooks first and gives each worker
+# its share of the cores. The stand-in is packed before, so that no two
+# notebooks write its pack at the same time.
 TEST_WORKERS ?= auto
 
 test: $(STAMP) standin notebooks

@@ -1,13 +1,24 @@
-"""Test-run order: the notebooks that train start first.
+"""How ``make test`` shares the cores: threads per worker, and the order.
 
-With ``make test`` the tests run in several workers, and each notebook goes
-whole to one worker. The two training notebooks take most of the time, so
-they are handed out first, one to each worker, and everything else fills in
-beside them; otherwise they could start last, or both in one worker.
+With ``make test`` the tests run in one worker per core (pytest-xdist), and
+each notebook goes whole to one worker. Two things follow.
+
+- Each worker, and every kernel it starts, computes with its share of the
+  cores. PyTorch and MXNet otherwise start a thread per core in every
+  process, and two workers with two threads each on two cores train several
+  times slower than with one each.
+- The two training notebooks take most of the time, so they are handed out
+  first, one to each worker, and everything else fills in beside them;
+  otherwise they could start last, or both in one worker.
 """
 import os
 
 LONGEST_FIRST = ('training.ipynb',)
+
+_workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+if _workers > 1:  # before any test module imports a framework
+    os.environ.setdefault('OMP_NUM_THREADS',
+                          str(max(1, (os.cpu_count() or 1) // _workers)))
 
 
 def pytest_collection_modifyitems(items):

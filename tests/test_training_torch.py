@@ -286,18 +286,19 @@ def test_fp16_without_a_gpu_is_refused():
 # ----------------------------------------------------------- training loop
 
 def test_training_smoke_loss_decreases():
+    """Without a warm-up the first steps are erratic; 32 show the trend."""
     torch.manual_seed(0)
     train_iter = tiny_dataset()
     net, margin = tiny_face_net_and_margin()
     images, issame = synthetic_pairs(num_pairs=40, size=112)
     history = d2lf.train_facerec(
-        net, margin, train_iter, {'tiny': (images, issame)}, num_steps=16,
-        lr=0.05, eval_every=8, log_every=4, devices=CPU, plot=False)
+        net, margin, train_iter, {'tiny': (images, issame)}, num_steps=32,
+        lr=0.05, eval_every=16, log_every=8, devices=CPU, plot=False)
     losses = [loss for _, loss in history['train loss']]
     assert len(losses) == 4 and len(history['tiny']) == 2
     assert losses[-1] < 0.5 * losses[0]
     assert history['train acc'][-1][1] > history['train acc'][0][1]
-    assert history['train loss'][-1][0] == pytest.approx(16 / len(train_iter))
+    assert history['train loss'][-1][0] == pytest.approx(32 / len(train_iter))
     assert net.training  # evaluation gave the training mode back
 
 
