@@ -1183,7 +1183,7 @@ def evaluate_bin_sets(embed, folders, far=1e-3, num_folds=10):
     sets = find_bin_sets(folders)
     if not sets:
         raise FileNotFoundError(f'no .bin verification set in {folders}')
-    print(f'{"set":<14}{"pairs":>6}  {"accuracy ± std":<17}  VAL ± std at '
+    print(f'{"set":<14}{"pairs":>6}  {"accuracy ± std":<15}  VAL ± std at '
           f'FAR {far:g} (FAR reached)')
     results = {}
     for name, path in sets.items():
