@@ -9,6 +9,7 @@ cells read the same in both tabs.
 """
 import collections
 import concurrent.futures
+import io
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from torch.nn import functional as F
 from torchvision import transforms
 
 import d2l_face
-from d2l_face import datahub, formats, packs, recordio, standin
+from d2l_face import datahub, formats, onnxrun, packs, recordio, standin
 
 #################   WARNING   ################
 # The below part is generated automatically through:
