@@ -1135,6 +1135,56 @@ def set_seeds(seed=0):
     onp.random.seed(seed)
     npx.random.seed(seed)
 
+def find_bin_sets(folders):
+    """The .bin verification sets in a folder or list of folders, by name.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    known = ['lfw', 'cfp_fp', 'agedb_30', 'calfw', 'cplfw']
+    paths = {}
+    for folder in [folders] if isinstance(folders, str) else folders:
+        # os.listdir, not glob: a folder name may hold characters such as
+        # '[' that a glob pattern would read as wildcards.
+        for file_name in sorted(os.listdir(folder)):
+            name, ext = os.path.splitext(file_name)
+            path = os.path.join(folder, file_name)
+            if ext != '.bin' or os.path.isdir(path):
+                continue
+            if name in paths:
+                raise ValueError(f'two verification sets named {name!r}: '
+                                 f'{paths[name]} and {path}')
+            paths[name] = path
+    order = sorted(paths, key=lambda name: (
+        known.index(name) if name in known else len(known), name))
+    return {name: paths[name] for name in order}
+
+def evaluate_bin_sets(embed, folders, far=1e-3, num_folds=10):
+    """Verification accuracy and VAL at FAR on every .bin set in folders.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    sets = find_bin_sets(folders)
+    if not sets:
+        raise FileNotFoundError(f'no .bin verification set in {folders}')
+    print(f'{"set":<14}{"pairs":>6}  {"accuracy ± std":<15}  VAL ± std at '
+          f'FAR {far:g} (FAR reached)')
+    results = {}
+    for name, path in sets.items():
+        images, issame = load_bin(path)
+        embeddings = onp.asarray(embed(images), onp.float64)
+        if embeddings.shape[0] != images.shape[1] or not onp.allclose(
+                onp.linalg.norm(embeddings, axis=1), 1, atol=1e-4):
+            raise ValueError(f'{path}: embed must return one unit-length '
+                             f'embedding per image, {images.shape[1]} in '
+                             f'all, not an array of shape {embeddings.shape}')
+        scores = pair_scores(embeddings)
+        acc, acc_std, _ = verification_accuracy(scores, issame, num_folds)
+        val, val_std, far_reached = val_at_far(scores, issame, far,
+                                               num_folds)
+        results[name] = dict(pairs=len(issame), acc=acc, acc_std=acc_std,
+                             val=val, val_std=val_std, far=far_reached)
+        print(f'{name:<14}{len(issame):>6}  {acc:.4f} ± {acc_std:.4f}  '
+              f'{val:.4f} ± {val_std:.4f} ({far_reached:.4f})')
+    return results
+
 def embed_face(net, image, devices=None):
     """Unit embedding of one aligned RGB uint8 face of shape (h, w, 3).
 

@@ -9,6 +9,7 @@ cells read the same in both tabs.
 """
 import collections
 import concurrent.futures
+import io
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from torch.nn import functional as F
 from torchvision import transforms
 
 import d2l_face
-from d2l_face import datahub, formats, packs, recordio, standin
+from d2l_face import datahub, formats, onnxrun, packs, recordio, standin
 
 #################   WARNING   ################
 # The below part is generated automatically through:
@@ -1154,6 +1155,56 @@ def set_seeds(seed=0):
     onp.random.seed(seed)
     torch.manual_seed(seed)  # the CPU's and every GPU's
 
+def find_bin_sets(folders):
+    """The .bin verification sets in a folder or list of folders, by name.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    known = ['lfw', 'cfp_fp', 'agedb_30', 'calfw', 'cplfw']
+    paths = {}
+    for folder in [folders] if isinstance(folders, str) else folders:
+        # os.listdir, not glob: a folder name may hold characters such as
+        # '[' that a glob pattern would read as wildcards.
+        for file_name in sorted(os.listdir(folder)):
+            name, ext = os.path.splitext(file_name)
+            path = os.path.join(folder, file_name)
+            if ext != '.bin' or os.path.isdir(path):
+                continue
+            if name in paths:
+                raise ValueError(f'two verification sets named {name!r}: '
+                                 f'{paths[name]} and {path}')
+            paths[name] = path
+    order = sorted(paths, key=lambda name: (
+        known.index(name) if name in known else len(known), name))
+    return {name: paths[name] for name in order}
+
+def evaluate_bin_sets(embed, folders, far=1e-3, num_folds=10):
+    """Verification accuracy and VAL at FAR on every .bin set in folders.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    sets = find_bin_sets(folders)
+    if not sets:
+        raise FileNotFoundError(f'no .bin verification set in {folders}')
+    print(f'{"set":<14}{"pairs":>6}  {"accuracy ± std":<15}  VAL ± std at '
+          f'FAR {far:g} (FAR reached)')
+    results = {}
+    for name, path in sets.items():
+        images, issame = load_bin(path)
+        embeddings = onp.asarray(embed(images), onp.float64)
+        if embeddings.shape[0] != images.shape[1] or not onp.allclose(
+                onp.linalg.norm(embeddings, axis=1), 1, atol=1e-4):
+            raise ValueError(f'{path}: embed must return one unit-length '
+                             f'embedding per image, {images.shape[1]} in '
+                             f'all, not an array of shape {embeddings.shape}')
+        scores = pair_scores(embeddings)
+        acc, acc_std, _ = verification_accuracy(scores, issame, num_folds)
+        val, val_std, far_reached = val_at_far(scores, issame, far,
+                                               num_folds)
+        results[name] = dict(pairs=len(issame), acc=acc, acc_std=acc_std,
+                             val=val, val_std=val_std, far=far_reached)
+        print(f'{name:<14}{len(issame):>6}  {acc:.4f} ± {acc_std:.4f}  '
+              f'{val:.4f} ± {val_std:.4f} ({far_reached:.4f})')
+    return results
+
 def embed_face(net, image, devices=None):
     """Unit embedding of one aligned RGB uint8 face of shape (h, w, 3).
 
@@ -1165,6 +1216,38 @@ def embed_face(net, image, devices=None):
     chw = image.astype(onp.uint8).transpose(2, 0, 1)
     both = onp.stack([chw, chw[:, :, ::-1]])[:, None]  # (2, 1, 3, h, w)
     return embed_pairs(net, both, 1, devices)[0]
+
+class InsightFaceInput(nn.Module):
+    """A network for [0, 1] RGB input, fed InsightFace's scaling instead.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, y):
+        # y = (x - 127.5) / 127.5 for pixel values x, so y / 2 + 0.5 is
+        # x / 255, the input the network expects
+        return self.net(y / 2 + 0.5)
+
+def export_onnx(net, path, image_size=(112, 112), opset=17):
+    """Write net as an ONNX file that takes InsightFace's input.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    model, was_training = InsightFaceInput(net), net.training
+    example = torch.zeros((1, 3) + tuple(image_size),
+                          device=next(net.parameters()).device)
+    buffer = io.BytesIO()
+    try:
+        model.eval()  # batch normalization with its running statistics
+        torch.onnx.export(
+            model, example, buffer, opset_version=opset,
+            input_names=['input'], output_names=['embedding'],
+            dynamic_axes={'input': {0: 'batch'}, 'embedding': {0: 'batch'}})
+    finally:
+        net.train(was_training)
+    return onnxrun.write_model(buffer.getvalue(), path,
+                               onnxrun.insightface_metadata(image_size))
 
 def identify(probes, gallery, threshold=None):
     """Most similar gallery row of each unit probe, its cosine; -1: nobody.
