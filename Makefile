@@ -13,7 +13,7 @@ export PATH := $(BIN):$(PATH)
 # The build and the tests run on the generated stand-in unless told otherwise.
 export D2L_FACE_SOURCE ?= standin
 
-.PHONY: setup standin lib notebooks test html bench clean
+.PHONY: setup standin pack lib notebooks test html eval-mxnet eval-pytorch bench clean
 
 setup: $(STAMP)
 
@@ -39,23 +39,31 @@ notebooks: $(STAMP)
 # The tests run in one worker per core (TEST_WORKERS=0 runs them in this
 # process); each notebook goes whole to one worker (--dist loadscope), and
 # conftest.py starts the two training notebooks first and gives each worker
-# its share of the cores. The stand-in is packed before, so that no two
-# notebooks write its pack at the same time.
+# its share of the cores. The stand-in is packed before (`pack`), so that no
+# two notebooks write its pack at the same time.
 TEST_WORKERS ?= auto
 
-test: $(STAMP) standin notebooks
-	$(BIN)/python -c "from d2l_face import torch as d2lf; \
-		d2lf.pack_face_records(d2lf.get_facerec_dir('faces-casia-ultrasmall'))"
+test: $(STAMP) standin pack notebooks
 	$(BIN)/python -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=1800 -p no:cacheprovider \
 		-n $(TEST_WORKERS) --dist loadscope
 
 # Each framework tab is executed on its own (_build/eval, _build/eval_pytorch),
-# then `--tab all` merges them into one page per section with switching tabs.
-html: $(STAMP) standin
-	$(BIN)/d2lbook build eval --tab mxnet
-	$(BIN)/d2lbook build eval --tab pytorch
+# the two side by side, then `--tab all` merges them into one page per section
+# with switching tabs. d2lbook runs two notebooks of a tab at a time, so every
+# kernel computes with one thread.
+html: $(STAMP) standin pack
+	$(MAKE) -j2 --output-sync=line eval-mxnet eval-pytorch
 	$(BIN)/d2lbook build html --tab all
+
+eval-mxnet eval-pytorch: export OMP_NUM_THREADS = 1
+eval-mxnet eval-pytorch: $(STAMP) standin pack
+	$(BIN)/d2lbook build eval --tab $(@:eval-%=%)
+
+# The stand-in's pack, made once before notebooks that run side by side read it.
+pack: $(STAMP) standin
+	$(BIN)/python -c "from d2l_face import torch as d2lf; \
+		d2lf.pack_face_records(d2lf.get_facerec_dir('faces-casia-ultrasmall'))"
 
 bench: $(STAMP) standin
 	$(BIN)/python benchmarks/run_all.py
