@@ -24,7 +24,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt constraints.txt pyproject.tom
 	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	# nbconvert looks for `pandoc` on PATH; the pypandoc_binary wheel ships one.
-	ln -sf "$$($(BIN)/python -c 'import pypandoc; print(pypandoc.get_pandoc_path())')" $(BIN)/pandoc
+	# (Not pypandoc.get_pandoc_path(): on a second set-up it finds this link.)
+	ln -sf "$$($(BIN)/python -c 'import os, pypandoc; print(os.path.join( \
+		os.path.dirname(pypandoc.__file__), "files", "pandoc"))')" $(BIN)/pandoc
+	$(BIN)/pandoc --version | head -1
 	touch $@
 
 standin: $(STAMP)
@@ -51,14 +54,15 @@ test: $(STAMP) standin pack notebooks
 # Each framework tab is executed on its own (_build/eval, _build/eval_pytorch),
 # the two side by side, then `--tab all` merges them into one page per section
 # with switching tabs. d2lbook runs two notebooks of a tab at a time, so every
-# kernel computes with one thread.
+# kernel computes with one thread; each line of progress names its tab.
 html: $(STAMP) standin pack
-	$(MAKE) -j2 --output-sync=line eval-mxnet eval-pytorch
+	$(MAKE) -j2 eval-mxnet eval-pytorch
 	$(BIN)/d2lbook build html --tab all
 
 eval-mxnet eval-pytorch: export OMP_NUM_THREADS = 1
 eval-mxnet eval-pytorch: $(STAMP) standin pack
-	$(BIN)/d2lbook build eval --tab $(@:eval-%=%)
+	set -o pipefail; $(BIN)/d2lbook build eval --tab $(@:eval-%=%) 2>&1 \
+		| sed -u 's/^/[$(@:eval-%=%)] /'
 
 # The stand-in's pack, made once before notebooks that run side by side read it.
 pack: $(STAMP) standin
