@@ -131,20 +131,19 @@ PARENT = ('import sys; from d2l_face import cluster; '
           'timeout=600, server_args=["-c", "import time; time.sleep(600)"])')
 
 
-@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM,
-                                 signal.SIGINT], ids=lambda sig: sig.name)
-def test_the_job_ends_when_its_parent_is_killed(sig):
+def check_all_end_with_the_parent(parent_code, num_procs, sig):
+    """Start parent_code, wait for its num_procs descendants, signal it, and
+    check that every descendant is gone soon after."""
     env = dict(os.environ, PYTHONPATH=REPO)
-    parent = subprocess.Popen([sys.executable, '-c', PARENT,
+    parent = subprocess.Popen([sys.executable, '-c', parent_code,
                                WORKER_WITH_CHILD], env=env)
     procs = []
     try:
-        # watchdog, scheduler, server, two workers and their two children
         deadline = time.monotonic() + 60
-        while len(procs) < 7 and time.monotonic() < deadline:
+        while len(procs) < num_procs and time.monotonic() < deadline:
             time.sleep(0.1)
             procs = psutil.Process(parent.pid).children(recursive=True)
-        assert len(procs) == 7, procs
+        assert len(procs) == num_procs, procs
         parent.send_signal(sig)
         parent.wait(timeout=30)
         left = wait_until_gone(procs, timeout=5)
@@ -153,6 +152,13 @@ def test_the_job_ends_when_its_parent_is_killed(sig):
         parent.kill()
         parent.wait()
         end_all(procs)
+
+
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM,
+                                 signal.SIGINT], ids=lambda sig: sig.name)
+def test_the_job_ends_when_its_parent_is_killed(sig):
+    # watchdog, scheduler, server, two workers and their two children
+    check_all_end_with_the_parent(PARENT, 7, sig)
 
 
 # ------------------------------------------------------ torchrun-style jobs
@@ -235,22 +241,5 @@ TORCHRUN_PARENT = ('import sys; from d2l_face import cluster; '
 @pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM,
                                  signal.SIGINT], ids=lambda sig: sig.name)
 def test_the_ranks_end_when_their_parent_is_killed(sig):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    parent = subprocess.Popen([sys.executable, '-c', TORCHRUN_PARENT,
-                               WORKER_WITH_CHILD], env=env)
-    procs = []
-    try:
-        # the watchdog, two ranks and their two children
-        deadline = time.monotonic() + 60
-        while len(procs) < 5 and time.monotonic() < deadline:
-            time.sleep(0.1)
-            procs = psutil.Process(parent.pid).children(recursive=True)
-        assert len(procs) == 5, procs
-        parent.send_signal(sig)
-        parent.wait(timeout=30)
-        left = wait_until_gone(procs, timeout=5)
-        assert not left, f'{sig.name}: still running {left}'
-    finally:
-        parent.kill()
-        parent.wait()
-        end_all(procs)
+    # the watchdog, two ranks and their two children
+    check_all_end_with_the_parent(TORCHRUN_PARENT, 5, sig)

@@ -1,7 +1,5 @@
 """Verification metrics, the training loop and model files of section 3."""
-import contextlib
 import os
-import signal
 import warnings
 
 import numpy as onp
@@ -11,6 +9,7 @@ from mxnet import gluon, init, np, npx
 from mxnet.gluon import nn
 
 from d2l_face import mxnet as d2lf
+from synthetic import deadline, synthetic_pairs, tiny_class_images
 
 npx.set_np()
 
@@ -323,11 +322,6 @@ def tiny_net(seed=0):
     return net
 
 
-def synthetic_pairs(num_pairs=10, size=16, seed=0):
-    rng = onp.random.default_rng(seed)
-    first = rng.integers(0, 256, (2 * num_pairs, 3, size, size), onp.uint8)
-    images = onp.stack([first, first[:, :, :, ::-1]])
-    return images, onp.arange(num_pairs) % 2 == 0
 
 
 def test_embed_pairs_is_unit_flip_sum():
@@ -381,18 +375,8 @@ def test_save_load_round_trip_gives_identical_embeddings(tmp_path):
 # ------------------------------------------------------------------ training
 
 def tiny_dataset(num_classes=4, per_class=16, batch_size=16, seed=0):
-    """Batches of 112x112 images whose class sets their colour and stripes."""
-    rng = onp.random.default_rng(seed)
-    X, y = [], []
-    for c in range(num_classes):
-        base = onp.zeros((3, 112, 112), onp.float32)
-        base[c % 3] = 0.7
-        base[:, :, (c * 16) % 112:(c * 16) % 112 + 20] = 0.3
-        for _ in range(per_class):
-            X.append(onp.clip(base + rng.normal(0, 0.1, base.shape), 0, 1))
-            y.append(c)
-    order = rng.permutation(len(y))
-    X, y = onp.stack(X)[order], onp.array(y)[order]
+    """Batches of 112x112 images whose class sets their color and stripes."""
+    X, y = tiny_class_images(num_classes, per_class, seed)
     return [(np.array(X[i:i + batch_size], dtype='float32'),
              np.array(y[i:i + batch_size], dtype='int64'))
             for i in range(0, len(y), batch_size)]
@@ -554,18 +538,6 @@ def test_nan_rows_are_as_if_left_out_of_the_gallery(seed, is_nan):
 
 # ------------------------------------------------- training input, bad cases
 
-@contextlib.contextmanager
-def deadline(seconds):
-    """Fail with TimeoutError when the block runs longer than `seconds`."""
-    def expire(signum, frame):
-        raise TimeoutError(f'still running after {seconds} s')
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def tiny_face_net_and_margin(num_classes=4):

@@ -1,8 +1,6 @@
 """The PyTorch tab of section 3: training step, schedule, files, errors."""
-import contextlib
 import inspect
 import os
-import signal
 
 import numpy as onp
 import pytest
@@ -10,22 +8,11 @@ import torch
 from torch import nn
 
 from d2l_face import torch as d2lf
+from synthetic import deadline, synthetic_pairs, tiny_class_images
 
 CPU = [torch.device('cpu')]
 
 
-@contextlib.contextmanager
-def deadline(seconds):
-    """Fail with TimeoutError if the body runs longer than `seconds`."""
-    def expire(signum, frame):
-        raise TimeoutError(f'still running after {seconds} s')
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 class TinyNet(nn.Module):
@@ -50,26 +37,11 @@ def tiny_net(size=16, seed=0):
     return net
 
 
-def synthetic_pairs(num_pairs=10, size=16, seed=0):
-    rng = onp.random.default_rng(seed)
-    first = rng.integers(0, 256, (2 * num_pairs, 3, size, size), onp.uint8)
-    images = onp.stack([first, first[:, :, :, ::-1]])
-    return images, onp.arange(num_pairs) % 2 == 0
 
 
 def tiny_dataset(num_classes=4, per_class=16, batch_size=16, seed=0):
     """Batches of 112x112 images whose class sets their color and stripes."""
-    rng = onp.random.default_rng(seed)
-    X, y = [], []
-    for c in range(num_classes):
-        base = onp.zeros((3, 112, 112), onp.float32)
-        base[c % 3] = 0.7
-        base[:, :, (c * 16) % 112:(c * 16) % 112 + 20] = 0.3
-        for _ in range(per_class):
-            X.append(onp.clip(base + rng.normal(0, 0.1, base.shape), 0, 1))
-            y.append(c)
-    order = rng.permutation(len(y))
-    X, y = onp.stack(X)[order].astype(onp.float32), onp.array(y)[order]
+    X, y = tiny_class_images(num_classes, per_class, seed)
     return [(torch.from_numpy(X[i:i + batch_size]),
              torch.from_numpy(y[i:i + batch_size]).long())
             for i in range(0, len(y), batch_size)]

@@ -1,0 +1,42 @@
+"""Framework-free test data and a deadline, shared by both tabs' tests."""
+import contextlib
+import signal
+
+import numpy as onp
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Fail with TimeoutError when the block runs longer than `seconds`."""
+    def expire(signum, frame):
+        raise TimeoutError(f'still running after {seconds} s')
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def synthetic_pairs(num_pairs=10, size=16, seed=0):
+    """Pairs of random images as load_bin returns them; every other same."""
+    rng = onp.random.default_rng(seed)
+    first = rng.integers(0, 256, (2 * num_pairs, 3, size, size), onp.uint8)
+    images = onp.stack([first, first[:, :, :, ::-1]])
+    return images, onp.arange(num_pairs) % 2 == 0
+
+
+def tiny_class_images(num_classes=4, per_class=16, seed=0):
+    """Shuffled 112x112 float32 images whose class sets color and stripes."""
+    rng = onp.random.default_rng(seed)
+    X, y = [], []
+    for c in range(num_classes):
+        base = onp.zeros((3, 112, 112), onp.float32)
+        base[c % 3] = 0.7
+        base[:, :, (c * 16) % 112:(c * 16) % 112 + 20] = 0.3
+        for _ in range(per_class):
+            X.append(onp.clip(base + rng.normal(0, 0.1, base.shape), 0, 1))
+            y.append(c)
+    order = rng.permutation(len(y))
+    return onp.stack(X)[order].astype(onp.float32), onp.array(y)[order]
