@@ -135,8 +135,11 @@ def check_all_end_with_the_parent(parent_code, num_procs, sig):
     """Start parent_code, wait for its num_procs descendants, signal it, and
     check that every descendant is gone soon after."""
     env = dict(os.environ, PYTHONPATH=REPO)
-    parent = subprocess.Popen([sys.executable, '-c', parent_code,
-                               WORKER_WITH_CHILD], env=env)
+    # A job started in the background (`make test &`) inherits SIGINT
+    # ignored; the parent must get it as a user's Ctrl-C would.
+    parent = subprocess.Popen(
+        [sys.executable, '-c', parent_code, WORKER_WITH_CHILD], env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     procs = []
     try:
         deadline = time.monotonic() + 60
