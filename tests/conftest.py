@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 
@@ -21,3 +22,12 @@ def standin_root(tmp_path_factory):
     standin.generate(str(root), num_classes=NUM_CLASSES,
                      images_per_class=PER_CLASS, num_val_pairs=20, num_wild=8)
     return root
+
+
+def packless_copy(standin_root, tmp_path):
+    """A private copy of the small stand-in (without any pack), as a str."""
+    from d2l_face import standin
+    copy = tmp_path / 'faces'
+    shutil.copytree(standin_root / standin.DATASET_DIR, copy,
+                    ignore=shutil.ignore_patterns('train.*'))
+    return str(copy)

@@ -11,20 +11,16 @@ import numpy as onp
 import pytest
 import torch
 
-from d2l_face import recordio, standin
+from d2l_face import recordio
 from d2l_face import mxnet as d2lf_mx
 from d2l_face import torch as d2lf
 
-from conftest import NUM_CLASSES, PER_CLASS
+from conftest import NUM_CLASSES, PER_CLASS, packless_copy
 
 
 @pytest.fixture
 def data_dir(standin_root, tmp_path):
-    """A private copy of the small stand-in (without any pack)."""
-    copy = tmp_path / 'faces'
-    shutil.copytree(standin_root / standin.DATASET_DIR, copy,
-                    ignore=shutil.ignore_patterns('train.*'))
-    return str(copy)
+    return packless_copy(standin_root, tmp_path)
 
 
 def epoch(train_iter, seed, to_numpy):

@@ -15,10 +15,10 @@ import cv2
 import numpy as onp
 import pytest
 
-from d2l_face import packs, recordio, standin, temps
+from d2l_face import packs, recordio, temps
 from d2l_face import mxnet as d2lf
 
-from conftest import NUM_CLASSES, PER_CLASS
+from conftest import NUM_CLASSES, PER_CLASS, packless_copy
 MAGIC = struct.pack('<I', recordio.MAGIC)
 
 
@@ -29,11 +29,7 @@ def temporaries(folder):
 
 @pytest.fixture
 def data_dir(standin_root, tmp_path):
-    """A private copy of the small stand-in (without any pack)."""
-    copy = tmp_path / 'faces'
-    shutil.copytree(standin_root / standin.DATASET_DIR, copy,
-                    ignore=shutil.ignore_patterns('train.*'))
-    return str(copy)
+    return packless_copy(standin_root, tmp_path)
 
 
 def per_file_images(data_dir):
