@@ -32,8 +32,10 @@ archives that do not unpack, an ``ArchiveError`` or ``BinFormatError`` (also
 removes those whose process is dead, and nothing else. Files get the user's
 umask.
 """
+import bz2
 import hashlib
 import io
+import lzma
 import os
 import pickle
 import pickletools
@@ -446,6 +448,25 @@ def _check_tar_end(tar, archive):
         raise ArchiveError(f'{archive} is truncated: it ends at byte {tar.offset + tail} '
                            f'of the tar stream without an end-of-archive block; '
                            f'nothing was extracted')
+    _check_no_dropped_stream(f, archive)
+
+
+def _check_no_dropped_stream(f, archive):
+    """Refuse bzip2 or xz data that the decompressor skipped at the end.
+
+    After a complete stream, Python's bz2 and lzma readers start the next
+    one, and when it does not begin like a stream (damaged, or not one at
+    all) they stop as if the file ended there; gzip refuses such data.
+    The skipped stream's decompressor then never reached its end.
+    """
+    if not isinstance(f, (bz2.BZ2File, lzma.LZMAFile)):
+        return  # gzip refuses such data itself; a plain tar has no streams
+    reader = getattr(getattr(f, '_buffer', None), 'raw', None)
+    decompressor = getattr(reader, '_decompressor', None)
+    if decompressor is not None and not getattr(decompressor, 'eof', True):
+        raise ArchiveError(f'{archive}: data after the compressed stream is '
+                           f'damaged or not part of the archive; nothing was '
+                           f'extracted')
 
 
 def _check_zip(zf, archive, limits):
@@ -465,11 +486,42 @@ def _check_zip(zf, archive, limits):
                                f'method {info.compress_type} ({method}), which '
                                f'Python cannot decompress; repack it with deflate')
         _check_length(parts, info.filename, archive, limits)
+    _check_zip_directory(zf, archive)
 
 
-# The 'data' filter (Python >= 3.11.4) repeats the path checks and also drops
-# setuid bits and foreign ownership; FilterError is what it raises.
-_TAR_FILTER = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
+def _check_zip_directory(zf, archive):
+    """Refuse a central directory that lists fewer members than its end record counts.
+
+    zipfile reads the directory up to its size in bytes, so one damaged entry
+    (a comment length grown by a flipped bit, say) can swallow the entries
+    after it without an error, and the archive would pass for a smaller one.
+    """
+    try:  # zipfile's own reader of the end record (and of its zip64 form)
+        expected = zipfile._EndRecData(zf.fp)[zipfile._ECD_ENTRIES_TOTAL]
+    except (AttributeError, IndexError, TypeError):  # a Python without it
+        return
+    if len(zf.infolist()) != expected:
+        raise ArchiveError(f'{archive}: damaged central directory: it lists '
+                           f'{len(zf.infolist())} members but counts '
+                           f'{expected}; nothing was extracted')
+
+
+def _data_filter_with_umask(member, path):
+    """tarfile's 'data' filter, then no ``chmod`` of regular files.
+
+    The 'data' filter (Python >= 3.11.4) repeats the path checks and drops
+    setuid bits and foreign ownership, but it sets each file's mode from the
+    archive, ignoring the umask. Without a mode, tarfile leaves a file as
+    ``open`` made it, so it gets the user's umask, as zip members do.
+    """
+    member = tarfile.data_filter(member, path)
+    if member is not None and member.isreg():
+        member = member.replace(mode=None, deep=False)
+    return member
+
+
+_TAR_FILTER = ({'filter': _data_filter_with_umask}
+               if hasattr(tarfile, 'data_filter') else {})
 _TAR_FILTER_ERROR = getattr(tarfile, 'FilterError', ())
 
 

@@ -7,24 +7,47 @@ temporary name carries the machine and the process that made it::
 
     <prefix><host>-<pid>-<16 random hex digits><suffix>
 
-A later run calls :func:`remove_stale`, which removes the entries of its own
-machine whose process no longer exists, and nothing else: files of a process
-that still runs, of another machine sharing the folder, or named otherwise
-are left alone, links are never followed, and the folder's entries are
-listed and parsed, never matched with a glob pattern (a folder named
-``data[1]`` cannot reach into ``data1``). Files and folders are created with
-the user's umask, as any file the user makes.
+``<host>`` is the start of the host name followed by a digest of the whole
+host name and of the process-id namespace, so two containers that share a
+folder and a host name but number their processes apart never judge each
+other's files by pid. A later run calls :func:`remove_stale`, which removes
+the entries whose owner it can prove gone: those of its own host and
+namespace whose process no longer exists, and any of ours untouched for
+:data:`STALE_AFTER` seconds (a week; what a dead container or a reboot left,
+since no writer of ours pauses that long). Everything else stays: files of a
+process that still runs, recent ones of another machine, files named
+otherwise; links are never followed, and the folder's entries are listed and
+parsed, never matched with a glob pattern (a folder named ``data[1]`` cannot
+reach into ``data1``). Files and folders are created with the user's umask,
+as any file the user makes.
 """
+import hashlib
 import os
 import re
 import secrets
 import shutil
 import socket
+import time
 
 # The prefix of every temporary name d2l_face makes (the stand-in keeps its
 # own, so that folders of earlier versions are still recognized).
 PREFIX = '.d2l-face-'
-HOST = re.sub(r'[^A-Za-z0-9]', '', socket.gethostname())[:32] or 'host'
+STALE_AFTER = 7 * 24 * 3600  # seconds without a change that prove a temporary dead
+
+
+def _host_tag():
+    """Who may judge our temporaries by pid: this host name and pid namespace."""
+    name = socket.gethostname()
+    try:  # e.g. 'pid:[4026531836]'; the same across reboots outside containers
+        namespace = os.readlink('/proc/self/ns/pid')
+    except OSError:
+        namespace = ''
+    key = f'{name}\0{namespace}'.encode('utf-8', 'surrogateescape')
+    readable = re.sub(r'[^A-Za-z0-9]', '', name)[:24] or 'host'
+    return readable + hashlib.sha1(key).hexdigest()[:8]
+
+
+HOST = _host_tag()
 _NAME = re.compile(r'(?P<host>[A-Za-z0-9]{1,64})-(?P<pid>[0-9]{1,10})-'
                    r'[0-9a-f]{16}(?P<suffix>.*)', re.DOTALL)
 
@@ -89,26 +112,39 @@ def pid_alive(pid):
         os.kill(pid, 0)  # signal 0 only checks that the process exists
     except ProcessLookupError:
         return False
+    except OverflowError:  # beyond any pid a kernel hands out
+        return False
     except OSError:  # e.g. PermissionError: it exists, as another user
         return True
     return True
 
 
+def _untouched_for(path):
+    """Seconds since `path` (not what a link points to) last changed."""
+    try:
+        return time.time() - os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
 def stale(folder, prefix=PREFIX):
-    """The (path, suffix) of temporaries in `folder` whose process is dead."""
+    """The (path, suffix) of temporaries in `folder` whose owner is gone.
+
+    That is: of this host and namespace with a dead process, or of anyone
+    when untouched for STALE_AFTER seconds."""
     try:
         with os.scandir(folder) as entries:
             found = [(entry.path, parse(entry.name, prefix))
                      for entry in entries]
     except OSError:
         return []
-    return [(path, owner[2]) for path, owner in found
-            if owner is not None and owner[0] == HOST
-            and not pid_alive(owner[1])]
+    return [(path, owner[2]) for path, owner in found if owner is not None
+            and (owner[0] == HOST and not pid_alive(owner[1])
+                 or _untouched_for(path) > STALE_AFTER)]
 
 
 def remove_stale(folder, prefix=PREFIX, before_removing=None):
-    """Remove the temporaries a dead process of this machine left in `folder`.
+    """Remove the temporaries in `folder` whose owner is gone (see `stale`).
 
     Only regular files and real folders go, never links. For a folder,
     `before_removing(path, suffix)` runs first (to rescue what it holds);

@@ -201,6 +201,39 @@ def test_zip_with_bad_crc_into_new_folder_leaves_nothing(work):
     refuse(work, 'faces.zip', flip(data, at + 10))
 
 
+def test_zip_whose_directory_lost_entries_is_refused(work):
+    # The first central entry's comment length grows over the two entries
+    # after it: zipfile alone would list one member and extract only that.
+    data = bytearray(zip_bytes())
+    first = data.find(b'PK\x01\x02')
+    second = data.find(b'PK\x01\x02', first + 1)
+    end = data.find(b'PK\x05\x06')
+    data[first + 32:first + 34] = (end - second).to_bytes(2, 'little')
+    assert len(zipfile.ZipFile(io.BytesIO(bytes(data))).infolist()) == 1
+    assert 'lists 1 members but counts 3' in str(refuse(work, 'faces.zip', bytes(data)))
+
+
+@pytest.mark.parametrize('suffix', ['.tar.bz2', '.tar.xz'])
+@pytest.mark.parametrize('after', ['garbage', 'a damaged stream'])
+def test_what_follows_a_bzip2_or_xz_stream_is_checked_too(work, suffix, after):
+    # Python's bz2 and lzma readers stop quietly at a second stream that
+    # does not start like one; gzip refuses it (see the damaged streams above).
+    compress = COMPRESS[suffix]
+    tail = b'\x01' * 600 if after == 'garbage' else flip(compress(b'more'), 1)
+    refuse(work, 'faces' + suffix, compress(PLAIN_TAR) + tail)
+
+
+@pytest.mark.parametrize('suffix', ['.tar.gz', '.tar.bz2', '.tar.xz'])
+def test_a_tar_split_over_several_streams_extracts(work, suffix):
+    # As parallel compressors (pigz, pbzip2, xz -T) write them.
+    half = len(PLAIN_TAR) // 2
+    archive = work / 'archives' / ('faces' + suffix)
+    archive.write_bytes(COMPRESS[suffix](PLAIN_TAR[:half])
+                        + COMPRESS[suffix](PLAIN_TAR[half:]))
+    extract(archive, work / 'out')
+    assert {k: v for k, v in tree(work / 'out').items() if v is not None} == MEMBERS
+
+
 # ---------------------------------------------------------------- every failure is ours
 
 def tar_bytes_pax(members):
@@ -449,6 +482,33 @@ def test_stale_temporaries_of_dead_processes_go_and_nothing_else(server, tmp_pat
     assert (bait / 'precious').exists()
 
 
+def test_whose_temporaries_go(tmp_path):
+    """Ours of a dead pid, or anyone's a week old; not another namespace's."""
+    from d2l_face import temps
+    week_old = time.time() - temps.STALE_AFTER - 60
+    other = f'{temps.PREFIX}{temps.HOST[:-1]}x-{os.getpid()}-{"0" * 16}.part'
+    impossible = f'{temps.PREFIX}{temps.HOST}-9999999999-{"1" * 16}.part'
+    names = {'other namespace': other, 'old, other namespace': other[:-5] + '.old',
+             'old, alive': temps.temp_name(suffix='.part'),
+             'impossible pid': impossible, 'not ours, old': 'faces.part'}
+    for what, name in names.items():
+        (tmp_path / name).write_bytes(b'x')
+        if what.startswith(('old', 'not ours')):
+            os.utime(tmp_path / name, (week_old, week_old))
+    temps.remove_stale(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted([names['other namespace'],
+                                                   names['not ours, old']])
+
+
+def test_a_pid_no_kernel_hands_out_breaks_nothing(tmp_path):
+    from d2l_face import temps
+    (tmp_path / f'{temps.PREFIX}{temps.HOST}-9999999999-{"1" * 16}.part').write_bytes(b'')
+    save_bin_pairs(tmp_path / 'x.bin', [b'a', b'b'], [True])
+    (tmp_path / 'x.zip').write_bytes(GOOD_ZIP)
+    extract(tmp_path / 'x.zip', tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ['faces', 'x.bin', 'x.zip']
+
+
 @pytest.mark.parametrize('action', ['extract', 'save_bin_pairs'])
 def test_extract_and_save_clean_up_too(tmp_path, action):
     folder = tmp_path / 'data'
@@ -519,6 +579,21 @@ def test_files_get_the_users_umask(server, tmp_path, umask):
     assert mode(dataset) == 0o777 & ~umask
     assert mode(os.path.join(dataset, 'c.txt')) == 0o666 & ~umask
     assert mode(os.path.join(dataset, f'.extracted-{GOOD_SHA}')) == 0o666 & ~umask
+
+
+def test_tar_members_get_the_users_umask_not_the_archives_modes(work, umask):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode='w:gz') as tar:
+        for name, archived in [('faces/private', 0o600), ('faces/shared', 0o664),
+                               ('faces/read-only', 0o444)]:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = 1, archived
+            tar.addfile(info, io.BytesIO(b'x'))
+    (work / 'x.tar.gz').write_bytes(buf.getvalue())
+    extract(work / 'x.tar.gz', work / 'out')
+    for name in ('private', 'shared', 'read-only'):
+        assert mode(work / 'out' / 'faces' / name) == 0o666 & ~umask
+    assert mode(work / 'out' / 'faces') == 0o777 & ~umask
 
 
 # ---------------------------------------------------------------- .bin bounds
