@@ -11,6 +11,7 @@ path and the benchmarks all import these; nothing here imports a framework.
   small file claiming a huge image is refused before it costs memory.
 """
 import os
+import re
 import stat
 
 import numpy as np
@@ -25,9 +26,15 @@ TEMPLATE_SIZE = 112  # the crop size the template's coordinates refer to
 PROPERTY_FILE = 'property'  # first line: num_classes,height,width
 IMAGE_SUFFIX = '.jpg'
 
-# Refuse larger images before decoding: a face crop is a few hundred pixels
-# wide, and even a wild photo of 8000x8000 pixels stays below this.
+# Refuse larger images before decoding: even a wild photo of 8000x8000
+# pixels stays below this.
 MAX_IMAGE_PIXELS = 8000 * 8000
+# A face crop (of a dataset folder, a pack or a .bin set) is 112 to a few
+# hundred pixels wide; a training batch holds batch_size of them as floats.
+MAX_CROP_PIXELS = 1024 * 1024
+# JPEG segments before the frame header (EXIF, ICC profile, tables) take
+# kilobytes; a header this far in is refused rather than searched for.
+MAX_JPEG_HEADER_BYTES = 2 << 20
 # A face crop file is a few KB; a whole photo a few MB.
 MAX_IMAGE_BYTES = 64 << 20
 
@@ -57,6 +64,9 @@ def parse_property(line, where='property'):
     if min(num_classes, height, width) < 1:
         raise ValueError(f'{where}: counts must be positive: '
                          f'{line.strip()!r}')
+    if height * width > MAX_CROP_PIXELS:
+        raise ValueError(f'{where}: crops of {width}x{height} pixels, more '
+                         f'than the {MAX_CROP_PIXELS} of a face crop')
     return (height, width), num_classes
 
 
@@ -88,20 +98,23 @@ def read_regular_file(path, max_bytes=MAX_IMAGE_BYTES):
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def jpeg_size(data):
-    """Return the (height, width) a JPEG's header claims, without decoding.
+def _frame_header(data):
+    """(height, width, end) of a JPEG's frame header, or None.
 
-    Returns None when `data` is not a JPEG or its header is cut short."""
-    data = memoryview(data)
+    `end` is the byte after the width: the fewest first bytes from which
+    the size can be read. One pass over the segments, each skipped by its
+    length, runs of fill bytes at once; a frame header that does not start
+    in the first MAX_JPEG_HEADER_BYTES is not looked for."""
+    data = memoryview(data)[:MAX_JPEG_HEADER_BYTES + 9].tobytes()
     if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
     pos = 2
-    while pos + 4 <= len(data):
+    while pos + 4 <= len(data) and pos <= MAX_JPEG_HEADER_BYTES:
         if data[pos] != 0xFF:
             return None
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
+        if marker == 0xFF:  # fill bytes before a marker
+            pos = _FILL.match(data, pos).end() - 1
             continue
         if marker in (0x01,) or 0xD0 <= marker <= 0xD8:  # no length field
             pos += 2
@@ -112,11 +125,30 @@ def jpeg_size(data):
                 return None
             height = data[pos + 5] << 8 | data[pos + 6]
             width = data[pos + 7] << 8 | data[pos + 8]
-            return height, width
+            return height, width, pos + 9
         if marker in (0xD9, 0xDA) or length < 2:  # end or scan before a frame
             return None
         pos += 2 + length
     return None
+
+
+_FILL = re.compile(rb'\xff+')
+
+
+def jpeg_size(data):
+    """Return the (height, width) a JPEG's header claims, without decoding.
+
+    Returns None when `data` is not a JPEG or its header is cut short."""
+    header = _frame_header(data)
+    return None if header is None else header[:2]
+
+
+def jpeg_header_length(data):
+    """The fewest first bytes of JPEG `data` from which its size can be read.
+
+    None when `data` is not a JPEG or its header is cut short."""
+    header = _frame_header(data)
+    return None if header is None else header[2]
 
 
 def check_jpeg_header(data, where, expected_size=None,

@@ -51,7 +51,8 @@ _LENGTH_MASK = (1 << 29) - 1             # the low 29 bits hold the length
 MAX_RECORD_BYTES = _LENGTH_MASK          # dmlc refuses records of 2**29 bytes
 # Labels and keys are stored as float32, exact for integers up to 2**24.
 _FLOAT_EXACT = 1 << 24
-_MAX_LABEL = 1 << 31                     # labels index a class weight matrix
+# Labels index a class weight matrix; above 2**24 float32 skips integers.
+_MAX_LABEL = _FLOAT_EXACT
 LAYOUTS = ('flat', 'insightface')
 
 
@@ -284,7 +285,8 @@ def write_pack(prefix, records, layout='flat', label_vector=False):
         for label, jpeg in records:
             where = f'{prefix}.rec: image {key - insightface}'
             identity, label = _image_label(label, label_vector, where)
-            formats.check_jpeg_header(jpeg, where)
+            formats.check_jpeg_header(jpeg, where,
+                                      max_pixels=formats.MAX_CROP_PIXELS)
             if insightface:
                 _extend_identities(identities, identity, key, where)
             writer.write(key, _pack_record(key, label, jpeg))
@@ -355,12 +357,14 @@ class PackReader:
         header = self._header_record()
         if header is None:
             self.layout, rows, num_ids = 'flat', np.arange(len(keys)), 0
-            extra = np.empty(0, np.int64)
+            extra = head = np.empty(0, np.int64)
         else:
             self.layout = 'insightface'
             rows, extra = self._insightface_rows(*header)
-            num_ids = len(extra)
-        parsed = self._parse(np.concatenate([rows, extra]))
+            num_ids, head = len(extra), np.flatnonzero(keys == 0)
+        everything = np.concatenate([rows, extra, head])
+        parsed = self._parse(everything)
+        self._check_whole(everything, parsed['stop'])
         n = len(rows)
         if num_ids:
             self._check_identities(extra, parsed, n, header)
@@ -371,6 +375,27 @@ class PackReader:
                         for i in parsed['joined'] if i < n}
         self.num_classes = max(int(self.labels.max()) + 1 if n else 0, num_ids)
         self._check_jpegs(offsets[rows], image_size)
+
+    def _check_whole(self, rows, stops):
+        """Refuse an index that misses records: its records must fill the .rec.
+
+        A writer puts each record right after the one before, so records
+        that leave bytes uncovered, or an index with lines the layout does
+        not use, mean a cut or damaged index, not a smaller pack."""
+        if len(rows) != len(self._keys):
+            unused = np.setdiff1d(np.arange(len(self._keys)), rows)[0]
+            raise PackError(f'{self.idx_path}, line {unused + 1}: key '
+                            f'{self._keys[unused]} is not a record of this '
+                            f'{self.layout} pack', self.idx_path)
+        order = np.argsort(self._offsets[rows], kind='stable')
+        found = np.append(self._offsets[rows][order], self._size)
+        expected = np.append(0, stops[order])  # each record starts where
+        gap = np.flatnonzero(found != expected)  # the one before stopped
+        if len(gap):
+            a, b = int(expected[gap[0]]), int(found[gap[0]])
+            raise PackError(f'{self.rec_path}: bytes {a} to {b} belong to no '
+                            f'record that {self.idx_path} lists (is the index '
+                            f'cut short or damaged?)', self.rec_path)
 
     # -- layout ------------------------------------------------------------
 
@@ -564,7 +589,7 @@ class PackReader:
             raise _damaged(self.rec_path, int(self._keys[rows[i]]),
                            int(self._offsets[rows[i]]),
                            f'bad label {labels[i]!r}, expected an integer '
-                           f'in [0, 2**31)')
+                           f'in [0, 2**24)')
         return labels.astype(np.int64)
 
     def _check_jpegs(self, offsets, image_size):
@@ -585,11 +610,12 @@ class PackReader:
             where = (f'{self.rec_path}: record {self.keys[i]} at byte '
                      f'{offsets[i]}')
             try:
-                formats.check_jpeg_header(data, where, image_size)
+                formats.check_jpeg_header(data, where, image_size,
+                                          formats.MAX_CROP_PIXELS)
             except ValueError as e:
                 raise PackError(str(e), self.rec_path, int(self.keys[i]),
                                 int(offsets[i])) from None
-            n = _jpeg_header_length(data)
+            n = formats.jpeg_header_length(data)
             heads = checked.get(n, set())
             # Bounded, so that a pack of all different headers costs no more
             # than parsing each: few lengths to try, a few qualities each.
@@ -633,18 +659,6 @@ class PackReader:
     def __repr__(self):
         return (f'PackReader({self.prefix!r}: {len(self)} images, '
                 f'{self.num_classes} classes, {self.layout} layout)')
-
-
-def _jpeg_header_length(data):
-    """The fewest first bytes of a JPEG from which its size can be read."""
-    low, high = 0, len(data)  # formats.jpeg_size(data[:high]) is not None
-    while high - low > 1:
-        mid = (low + high) // 2
-        if formats.jpeg_size(data[:mid]) is None:
-            low = mid
-        else:
-            high = mid
-    return high
 
 
 def _is_range(first, end, low, high):

@@ -47,9 +47,14 @@ def test_identity_folder_refuses_negative_labels():
 
 
 @given(st.integers(1, 10**6), st.integers(1, 4096), st.integers(1, 4096))
-def test_property_line_reads_back(num_classes, height, width):
+def test_property_line_reads_back_or_refuses_what_is_no_crop(num_classes,
+                                                             height, width):
     line = formats.format_property(num_classes, height, width)
-    assert formats.parse_property(line) == ((height, width), num_classes)
+    if height * width <= formats.MAX_CROP_PIXELS:
+        assert formats.parse_property(line) == ((height, width), num_classes)
+    else:  # a batch of such "crops" would cost gigabytes
+        with pytest.raises(ValueError, match=f'{width}x{height} pixels'):
+            formats.parse_property(line)
 
 
 @pytest.mark.parametrize('line', ['', '300,112', '300,112,112,3', 'a,b,c',
@@ -89,6 +94,33 @@ def test_a_wrong_size_is_refused_by_name():
     with pytest.raises(ValueError, match=r'a\.jpg: image is 20x10, expected '
                                          r'112x112'):
         formats.check_jpeg_header(jpeg(10, 20), 'a.jpg', (112, 112))
+
+
+@pytest.mark.parametrize('height,width', [(112, 112), (300, 451)])
+def test_header_length_is_the_fewest_bytes_that_tell_the_size(height, width):
+    data = jpeg(height, width)
+    n = formats.jpeg_header_length(data)
+    assert formats.jpeg_size(data[:n]) == (height, width)
+    assert formats.jpeg_size(data[:n - 1]) is None
+
+
+def padded(data, segment):
+    """`data` with `segment` inserted right after its start-of-image marker."""
+    return data[:2] + segment + data[2:]
+
+
+def test_long_runs_of_fill_bytes_are_skipped_at_once():
+    # 1 MB of 0xFF before a marker: one step, not a million.
+    data = padded(jpeg(16, 16), b'\xff' * (1 << 20))
+    assert formats.jpeg_size(data) == (16, 16)
+
+
+def test_a_frame_header_far_into_the_file_is_not_looked_for():
+    comments = b''.join(b'\xff\xfe\xff\xff' + b'c' * 65533 for _ in range(40))
+    assert formats.jpeg_size(padded(jpeg(16, 16), comments[:65537])) == (16, 16)
+    assert len(comments) > formats.MAX_JPEG_HEADER_BYTES
+    with pytest.raises(ValueError, match='not a JPEG'):
+        formats.check_jpeg_header(padded(jpeg(16, 16), comments), 'x.jpg')
 
 
 @given(st.binary(max_size=64))
