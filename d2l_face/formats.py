@@ -70,12 +70,16 @@ def parse_property(line, where='property'):
     return (height, width), num_classes
 
 
-def read_regular_file(path, max_bytes=MAX_IMAGE_BYTES):
+def read_regular_file(path, max_bytes=MAX_IMAGE_BYTES, follow_links=True):
     """Return the bytes of `path`, refusing non-regular or oversized files.
 
     The file is opened without blocking, so a FIFO named like an image is
-    refused instead of waiting forever for a writer."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
+    refused instead of waiting forever for a writer. With `follow_links`
+    false, a symbolic link is refused too (OSError)."""
+    flags = os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0)
+    if not follow_links:
+        flags |= getattr(os, 'O_NOFOLLOW', 0)
+    fd = os.open(path, flags)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

@@ -198,6 +198,7 @@ def pack_face_records(data_dir, name='train', meta=None):
     Defined in :numref:`sec_facerecognition_dataset`"""
     prefix = os.path.join(data_dir, name)
     packs.check_ours(prefix)  # a pack we did not make is never replaced
+    packs.remove_stale(prefix)  # what killed packers left behind
     image_size, num_classes = meta or read_facerec_meta(data_dir)
     items = list_facerec_images(data_dir, num_classes)
     sources = packs.fingerprint(data_dir, items)
@@ -338,7 +339,8 @@ def load_bin(path, image_size=(112, 112), max_images=100_000):
                          f'{limit} allowed for a file of this size')
     data = onp.empty((2, len(bins), 3) + tuple(image_size), dtype=onp.uint8)
     for i, jpeg in enumerate(bins):
-        formats.check_jpeg_header(jpeg, f'{path}: image {i}')
+        formats.check_jpeg_header(jpeg, f'{path}: image {i}',
+                                  max_pixels=formats.MAX_CROP_PIXELS)
         image = cv2.imdecode(onp.frombuffer(jpeg, onp.uint8), cv2.IMREAD_COLOR)
         if image is None:
             raise ValueError(f'{path}: image {i} cannot be decoded')
@@ -403,8 +405,9 @@ def write_insightface_pack(data_dir, out_dir, num_classes=None,
                             layout='insightface', label_vector=label_vector)
         with open(tmp + '.property', 'w') as f:
             f.write(formats.format_property(num_classes, *image_size) + '\n')
-        for ext, n in zip(('.rec', '.idx', '.property'), names):
-            os.replace(tmp + ext, os.path.join(out_dir, n))
+        # All three files appear, or none: a failed rename undoes the rest.
+        packs.move_all((tmp + ext, os.path.join(out_dir, n)) for ext, n in
+                       zip(('.rec', '.idx', '.property'), names))
     return out_dir
 
 ARCFACE_TEMPLATE = formats.ARCFACE_TEMPLATE  # (5, 2): x, y in a 112x112 crop

@@ -4,8 +4,11 @@ A pack ``prefix.rec`` / ``prefix.idx`` (see :mod:`d2l_face.recordio`) made
 by the chapter's ``pack_face_records`` carries a *marker*,
 ``prefix.d2l-pack.json``, written last. It holds the number of records, the
 sizes of the two files and a fingerprint of the sources (a digest of
-``property`` and of the path, label, size and modification time of every
-image). The marker answers two questions:
+``property`` and of the path, label, size, modification and change times and
+inode of every image: ``os.utime`` can set the modification time back, but
+not the change time, and a file renamed over another has a new inode). The
+marker is read only when it is a regular file itself, never through a link.
+The marker answers two questions:
 
 - *Is the pack fresh?* Only when the marker is complete, of exactly the
   right shape and types, and everything in it matches the folder and the
@@ -51,7 +54,7 @@ class ForeignPackError(FileExistsError):
 
 
 def fingerprint(data_dir, items):
-    """Digest of `property` and of each image's path, label, size and time.
+    """Digest of `property` and of each image's path, label, size and times.
 
     `items` is the [(path, label)] list of the images."""
     digest = hashlib.sha1(formats.read_regular_file(
@@ -60,7 +63,8 @@ def fingerprint(data_dir, items):
     for path, label in items:
         info = os.stat(path)
         line = (f'{os.path.relpath(path, data_dir)}\t{label}\t'
-                f'{info.st_size}\t{info.st_mtime_ns}\n')
+                f'{info.st_size}\t{info.st_mtime_ns}\t{info.st_ctime_ns}\t'
+                f'{info.st_ino}\n')
         digest.update(line.encode('utf-8', 'surrogateescape'))
     return digest.hexdigest()
 
@@ -78,8 +82,8 @@ def read_marker(prefix):
     """Return the marker of pack `prefix` as a dict, or None."""
     try:
         marker = json.loads(formats.read_regular_file(
-            prefix + MARKER, max_bytes=_MAX_MARKER_BYTES))
-    except (OSError, ValueError, RecursionError):  # missing, not a file, not JSON
+            prefix + MARKER, max_bytes=_MAX_MARKER_BYTES, follow_links=False))
+    except (OSError, ValueError, RecursionError):  # missing, a link, not JSON
         return None
     return marker if isinstance(marker, dict) else None
 
@@ -152,6 +156,31 @@ def _write_json(path, value):
             os.remove(tmp)
 
 
+def remove_stale(prefix):
+    """Remove what killed packers left beside pack `prefix` (d2l_face.temps).
+
+    Also when the pack itself is fresh, so that a run killed while another
+    finished the pack leaves nothing behind for good."""
+    temps.remove_stale(os.path.dirname(prefix) or '.')
+
+
+def move_all(pairs):
+    """Rename each (source, target) pair; on a failure, undo those done.
+
+    So that the targets appear all together or not at all (but for a
+    moment between the renames)."""
+    done = []
+    try:
+        for source, target in pairs:
+            os.replace(source, target)
+            done.append((source, target))
+    except BaseException:
+        for source, target in reversed(done):
+            with contextlib.suppress(OSError):
+                os.replace(target, source)
+        raise
+
+
 @contextlib.contextmanager
 def staging(prefix):
     """Yield a temporary prefix beside pack `prefix`; its files go at exit.
@@ -162,7 +191,7 @@ def staging(prefix):
     are removed first."""
     folder, name = os.path.split(prefix)
     folder = folder or '.'
-    temps.remove_stale(folder)
+    remove_stale(prefix)
     tmp = temps.temp_path(folder, suffix='.' + name)
     try:
         yield tmp

@@ -727,8 +727,9 @@ def _read_marker(path):
     Only a bounded regular file is read, so a FIFO named like a marker does
     not block.
     """
-    try:
-        data = formats.read_regular_file(path, _MAX_MARKER_BYTES)
+    try:  # a link is no marker: it could vouch for another root's folder
+        data = formats.read_regular_file(path, _MAX_MARKER_BYTES,
+                                         follow_links=False)
         marker = json.loads(data.decode('utf-8'))
     except (OSError, ValueError, RecursionError):
         return None
@@ -755,10 +756,28 @@ def _same_json(a, b):
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
+def _expected_marker(kind, params):
+    """The whole marker a complete folder of `kind` made with `params` has."""
+    if kind == 'dataset':
+        val = validation_identities(params['num_val_pairs'])
+        # Ranges, not lists: the marker stays small for any number of classes.
+        info = {'train_identity_range': [0, params['num_classes']],
+                'val_identity_range': [val[0], val[-1] + 1]}
+    else:
+        info = {'wild_identity_range': [WILD_ID_OFFSET,
+                                        WILD_ID_OFFSET + params['num_wild']]}
+    return {'made_by': MADE_BY, 'kind': kind, 'params': params, **info}
+
+
 def _is_complete(root, kind, params):
+    """Whether the folder of `kind` carries exactly the marker it would get.
+
+    Every key and value, not just the parameters: a marker of another shape
+    (edited, cut, or written by another version) proves nothing."""
     folder = os.path.join(root, _FOLDERS[kind])
     marker = _own_marker(folder, kind)
-    return marker is not None and _same_json(marker['params'], params)
+    return marker is not None and _same_json(marker,
+                                             _expected_marker(kind, params))
 
 
 def _legacy_owned(root):
@@ -920,10 +939,9 @@ def _rebuild(root, kind, params, build):
     try:  # whatever fails (a full disk, say), the temporary folder goes
         out = os.path.join(tmp, name)
         os.mkdir(out)
-        info = build(out)
-        marker = {'made_by': MADE_BY, 'kind': kind, 'params': params, **info}
+        build(out)
         with open(os.path.join(out, FOLDER_MARKER), 'w') as f:
-            json.dump(marker, f)
+            json.dump(_expected_marker(kind, params), f)
         _move_into_place(tmp, root, kind)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -979,16 +997,10 @@ def _build_dataset(out, params, workers):
     mode = os.stat(os.path.join(out, formats.PROPERTY_FILE)).st_mode
     os.chmod(path, stat.S_IMODE(mode))
     print(f'stand-in: {len(plan)} verification pairs', file=sys.stderr)
-    val = validation_identities(params['num_val_pairs'])
-    # Ranges, not lists: the marker stays small for any number of classes.
-    return {'train_identity_range': [0, n],
-            'val_identity_range': [val[0], val[-1] + 1]}
 
 
 def _build_wild(out, params):
     make_wild(params['seed'], params['num_wild'], out)
-    return {'wild_identity_range': [WILD_ID_OFFSET,
-                                    WILD_ID_OFFSET + params['num_wild']]}
 
 
 def main(argv=None):

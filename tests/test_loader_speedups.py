@@ -407,8 +407,30 @@ def test_a_marker_of_the_wrong_shape_is_never_fresh(data_dir):
             assert rec_inode(data_dir) == built, name
 
 
+def replace_image(path, how):
+    """Change the JPEG at `path` as another program might."""
+    info = os.stat(path)
+    with open(path, 'rb') as f:
+        jpeg = bytearray(f.read())
+    if how == 'grown by a byte':
+        jpeg += b'\0'
+    else:  # the same size: a byte of the picture changed
+        jpeg[len(jpeg) // 2] ^= 0xFF
+    target = path + '.new' if how.startswith('renamed over') else path
+    with open(target, 'wb') as f:
+        f.write(jpeg)
+    if target != path:
+        os.replace(target, path)
+    if how.endswith('old time put back'):
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
+@pytest.mark.parametrize('how', ['grown by a byte',
+                                 'same size, old time put back',
+                                 'renamed over, old time put back'])
 def test_an_image_replaced_while_packing_leaves_no_fresh_pack(data_dir,
-                                                              monkeypatch):
+                                                              monkeypatch,
+                                                              how):
     items = d2lf.list_facerec_images(data_dir)
     victim = items[-1][0]
     read = d2lf.read_face_jpeg
@@ -416,11 +438,7 @@ def test_an_image_replaced_while_packing_leaves_no_fresh_pack(data_dir,
     def read_and_replace(path, image_size=None):
         data = read(path, image_size)
         if path == items[3][0]:  # meanwhile, another program replaces one
-            with open(victim, 'rb') as f:
-                jpeg = f.read()
-            with open(victim + '.new', 'wb') as f:
-                f.write(jpeg + b'\0')
-            os.replace(victim + '.new', victim)
+            replace_image(victim, how)
         return data
     monkeypatch.setattr(d2lf, 'read_face_jpeg', read_and_replace)
     with pytest.raises(RuntimeError, match='changed while they were packed'):
@@ -502,7 +520,11 @@ def dead_pid():
     return child.pid
 
 
-def test_stale_temporary_files_of_dead_packers_are_removed(data_dir):
+@pytest.mark.parametrize('already_packed', [False, True])
+def test_stale_temporary_files_of_dead_packers_are_removed(data_dir,
+                                                           already_packed):
+    if already_packed:  # so the next call finds the pack fresh
+        d2lf.pack_face_records(data_dir)
     dead = temps.temp_path(data_dir, suffix='.train', pid=dead_pid())
     dead_download = temps.temp_path(data_dir, suffix='.part', pid=dead_pid())
     alive = temps.temp_path(data_dir, suffix='.train', pid=os.getppid())
@@ -657,6 +679,42 @@ def test_a_foreign_pack_is_never_replaced(data_dir, tmp_path, capsys):
     for name, data in files.items():
         assert open(os.path.join(folder, name), 'rb').read() == data
     assert 'train.d2l-pack.json' not in os.listdir(folder)
+
+
+def test_a_marker_linked_from_another_pack_proves_nothing(data_dir,
+                                                          tmp_path):
+    ours = d2lf.pack_face_records(data_dir)
+    other = str(tmp_path / 'other')  # someone's pack of the same sizes
+    os.mkdir(other)
+    for ext in ('.rec', '.idx'):
+        shutil.copy(ours + ext, os.path.join(other, 'train' + ext))
+    os.symlink(ours + packs.MARKER, os.path.join(other, 'train' + packs.MARKER))
+    assert 'not made by d2l_face' in packs.foreign_reason(
+        os.path.join(other, 'train'))
+    before = os.stat(os.path.join(other, 'train.rec')).st_ino
+    with open(os.path.join(other, 'property'), 'w') as f:
+        f.write(f'{NUM_CLASSES},112,112\n')
+    with pytest.raises(packs.ForeignPackError):
+        d2lf.pack_face_records(other)
+    assert os.stat(os.path.join(other, 'train.rec')).st_ino == before
+
+
+def test_write_insightface_pack_is_whole_or_absent(data_dir, tmp_path,
+                                                   monkeypatch):
+    out = str(tmp_path / 'insightface')
+    replace = os.replace
+
+    def fail_at_the_last(src, dst):
+        if dst.endswith('property'):
+            raise OSError('disk gone')
+        replace(src, dst)
+    monkeypatch.setattr(os, 'replace', fail_at_the_last)
+    with pytest.raises(OSError, match='disk gone'):
+        d2lf.write_insightface_pack(data_dir, out, num_classes=2)
+    assert os.listdir(out) == []  # the two files renamed before went back
+    monkeypatch.undo()
+    d2lf.write_insightface_pack(data_dir, out, num_classes=2)
+    assert sorted(os.listdir(out)) == ['property', 'train.idx', 'train.rec']
 
 
 def test_write_insightface_pack(data_dir, tmp_path):

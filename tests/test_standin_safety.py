@@ -193,12 +193,16 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4)
     | st.dictionaries(st.text(max_size=20), inner, max_size=6),
     max_leaves=20)
+EXPECTED = standin._expected_marker('dataset', DATASET_PARAMS)
 marker_like = st.fixed_dictionaries(
     {}, optional={'made_by': st.just(standin.MADE_BY) | st.text(),
                   'kind': st.sampled_from(['dataset', 'wild']) | json_values,
                   'params': st.fixed_dictionaries(
                       {k: st.just(v) | json_values
-                       for k, v in DATASET_PARAMS.items()}) | json_values})
+                       for k, v in DATASET_PARAMS.items()}) | json_values,
+                  **{k: st.just(v) | json_values for k, v in EXPECTED.items()
+                     if k.endswith('_range')},
+                  'extra': json_values})
 
 
 @settings(max_examples=150, deadline=None,
@@ -209,12 +213,24 @@ def test_no_marker_shape_crashes_or_passes_for_another(tmp_path, marker):
     folder.mkdir(exist_ok=True)
     (folder / standin.FOLDER_MARKER).write_text(json.dumps(marker))
     complete = standin._is_complete(str(tmp_path), 'dataset', DATASET_PARAMS)
-    # Complete only for exactly the right marker, same JSON types included.
-    assert complete == (
-        isinstance(marker, dict) and marker.get('made_by') == standin.MADE_BY
-        and marker.get('kind') == 'dataset'
-        and json.dumps(marker.get('params'), sort_keys=True)
-        == json.dumps(DATASET_PARAMS, sort_keys=True))
+    # Complete only for exactly the marker the stand-in writes, every key
+    # and the same JSON types included.
+    assert complete == (json.dumps(marker, sort_keys=True)
+                        == json.dumps(EXPECTED, sort_keys=True))
+
+
+def test_a_marker_linked_from_another_root_proves_nothing(tmp_path):
+    built = standin.generate(str(tmp_path / 'built'), **SMALL)
+    folder = tmp_path / 'other' / 'faces-casia-ultrasmall'
+    folder.mkdir(parents=True)
+    os.symlink(os.path.join(built, standin.FOLDER_MARKER),
+               folder / standin.FOLDER_MARKER)
+    assert not standin._is_complete(str(tmp_path / 'other'), 'dataset',
+                                    DATASET_PARAMS)
+    # Not ours either: the folder holds a link, and it stays.
+    with pytest.raises(standin.ForeignFolderError):
+        standin.generate(str(tmp_path / 'other'), **SMALL)
+    assert os.listdir(folder) == [standin.FOLDER_MARKER]
 
 
 def test_a_fifo_or_folder_as_marker_does_not_block(tmp_path):
