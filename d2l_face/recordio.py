@@ -328,26 +328,32 @@ def _write_identity_records(writer, identities, first):
 # Reading
 
 class PackReader:
-    """The images and labels of a RecordIO pack, memory-mapped, read-only.
+    """The images and labels of a RecordIO pack, read-only.
 
     The layout ('flat' or 'insightface') is read from the pack: a key 0
     whose flag is > 0 and that carries no image is InsightFace's header
     record. Every image record is parsed and its JPEG header checked (at
-    size `image_size` (h, w) when given) when the reader is created."""
+    size `image_size` (h, w) when given) when the reader is created, through
+    a memory map of the .rec file. The map is released then: images are
+    read with positional reads, so that a file another program cuts short
+    meanwhile gives an error rather than the SIGBUS that kills a process
+    touching a vanished page of a map."""
 
     def __init__(self, prefix, image_size=None):
         self.prefix = prefix
         self.rec_path, self.idx_path = prefix + '.rec', prefix + '.idx'
         self._map, self._joined, self._closed = None, {}, False
-        with _open_regular(self.rec_path) as f:
-            self._size = os.fstat(f.fileno()).st_size
-            if self._size:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._file = _open_regular(self.rec_path)
         try:
+            self._size = os.fstat(self._file.fileno()).st_size
+            if self._size:
+                self._map = mmap.mmap(self._file.fileno(), 0,
+                                      access=mmap.ACCESS_READ)
             self._open(image_size)
         except BaseException:
             self.close()
             raise
+        self._release_map()
 
     def _open(self, image_size):
         buf = self._map if self._map is not None else b''
@@ -628,27 +634,41 @@ class PackReader:
         return len(self.labels)
 
     def jpeg(self, i):
-        """Return the JPEG bytes of image `i` (a view into the file)."""
+        """Return the JPEG bytes of image `i` (a read-only uint8 array)."""
         if self._closed:
             raise ValueError(f'{self.rec_path}: the reader is closed')
         if not -len(self) <= i < len(self):
             raise IndexError(f'image {i} of {len(self)}')
         i %= len(self)
-        begin = self._begin[i]
+        begin, end = int(self._begin[i]), int(self._end[i])
         if begin < 0:
             return self._joined[i]
-        return self._bytes[begin:self._end[i]]
+        if self._map is not None:  # while the reader opens the pack
+            return self._bytes[begin:end]
+        data = os.pread(self._file.fileno(), end - begin, begin)
+        if len(data) != end - begin:
+            raise PackError(f'{self.rec_path}: image {i} (bytes {begin} to '
+                            f'{end}) is gone: the file was cut short while '
+                            f'it was read', self.rec_path, int(self.keys[i]),
+                            begin)
+        return np.frombuffer(data, np.uint8)
 
-    def close(self):
-        """Release the file. Views from `jpeg` keep the mapping alive."""
-        self._closed = True
-        self._bytes, self._joined = np.empty(0, np.uint8), {}
+    def _release_map(self):
+        """Drop the memory map. Views from it keep it alive until they go."""
+        self._bytes = np.empty(0, np.uint8)
         if self._map is not None:
             try:
                 self._map.close()
             except BufferError:  # views still in use: freed with the last
                 pass
             self._map = None
+
+    def close(self):
+        """Release the file."""
+        self._closed = True
+        self._joined = {}
+        self._release_map()
+        self._file.close()
 
     def __enter__(self):
         return self
