@@ -26,7 +26,6 @@ PyTorch tensor on the CPU is ready when the loader hands it over).
 """
 import argparse
 import concurrent.futures
-import glob
 import os
 import shutil
 import tempfile
@@ -59,8 +58,9 @@ class SourceFaceDataset(gluon.data.Dataset):
         self.items = []
         for label in range(num_classes):
             folder = os.path.join(data_dir, formats.identity_folder(label))
-            self.items += [(path, label) for path in
-                           glob.glob(os.path.join(folder, '*.jpg'))]
+            # listed, not globbed: a data folder may be named 'data[1]'
+            self.items += [(path, label)
+                           for path in d2lf.list_face_jpegs(folder)]
 
     def __len__(self):
         return len(self.items)

@@ -746,8 +746,17 @@ class _PairsUnpickler(pickle.Unpickler):
                 f'refusing to load the global {module}.{name}') from None
 
 
-def _check_memo(data):
-    """Refuse memo indices far beyond what a pickler writes, before unpickling.
+# Opcodes that build dicts, sets or objects: a (bins, issame) pickle has none,
+# and a dict key nested a hundred thousand tuples deep crashes CPython's
+# unpickler when it hashes the key (the C stack overflows), at 130 KB of file.
+_REFUSED_OPCODES = frozenset([
+    'EMPTY_DICT', 'DICT', 'SETITEM', 'SETITEMS', 'EMPTY_SET', 'ADDITEMS',
+    'FROZENSET', 'INST', 'OBJ', 'NEWOBJ', 'NEWOBJ_EX', 'PERSID', 'BINPERSID',
+    'EXT1', 'EXT2', 'EXT4', 'BYTEARRAY8', 'NEXT_BUFFER', 'READONLY_BUFFER'])
+
+
+def _check_opcodes(data):
+    """Refuse, before unpickling, opcodes a .bin never needs and wild memo indices.
 
     CPython's unpickler allocates a memo table as large as the biggest index it
     sees, so a few crafted bytes could claim gigabytes. Picklers number memo
@@ -756,6 +765,9 @@ def _check_memo(data):
     claims more bytes than the file holds.
     """
     for count, (op, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
+        if op.name in _REFUSED_OPCODES:
+            raise pickle.UnpicklingError(f'opcode {op.name}, which a '
+                                         f'verification file does not use')
         if op.name in ('PUT', 'BINPUT', 'LONG_BINPUT') and int(arg) > count:
             raise pickle.UnpicklingError(f'memo index {arg} out of range')
 
@@ -827,7 +839,7 @@ def load_bin_pairs(path, max_pairs=MAX_PAIRS):
     """
     data = _read_bin(path)  # in memory, so a length field cannot make a read allocate more
     try:
-        _check_memo(data)
+        _check_opcodes(data)
         obj = _PairsUnpickler(data).load()
     except Exception as e:  # nothing from the file has run, so any failure means "malformed"
         raise BinFormatError(f'{path}: not a valid verification pickle '

@@ -10,6 +10,7 @@ path and the benchmarks all import these; nothing here imports a framework.
 - the size a JPEG claims in its header, read without decoding, so that a
   small file claiming a huge image is refused before it costs memory.
 """
+import errno
 import os
 import re
 import stat
@@ -79,7 +80,12 @@ def read_regular_file(path, max_bytes=MAX_IMAGE_BYTES, follow_links=True):
     flags = os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0)
     if not follow_links:
         flags |= getattr(os, 'O_NOFOLLOW', 0)
-    fd = os.open(path, flags)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a socket, or a FIFO nobody writes to
+            raise ValueError(f'{path}: not a regular file') from None
+        raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -100,6 +106,12 @@ def read_regular_file(path, max_bytes=MAX_IMAGE_BYTES, follow_links=True):
 # JPEG start-of-frame markers (baseline, progressive, lossless, ...): every
 # 0xFFCn except DHT (C4), JPG (C8) and DAC (CC).
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# The segments libjpeg reads or skips by their length before a frame: DHT,
+# DAC, DNL, DQT, DRI, APP0-15 and COM. It stops at any other marker, and it
+# drops the pair FF 00 as stray data; skipping those by a "length" would
+# hide from us a frame header that libjpeg goes on to read.
+_SEGMENTS = frozenset([0xC4, 0xCC, 0xDB, 0xDC, 0xDD, 0xFE,
+                       *range(0xE0, 0xF0)])
 
 
 def _frame_header(data):
@@ -130,7 +142,7 @@ def _frame_header(data):
             height = data[pos + 5] << 8 | data[pos + 6]
             width = data[pos + 7] << 8 | data[pos + 8]
             return height, width, pos + 9
-        if marker in (0xD9, 0xDA) or length < 2:  # end or scan before a frame
+        if marker not in _SEGMENTS or length < 2:  # a scan, the end, FF 00...
             return None
         pos += 2 + length
     return None

@@ -527,6 +527,24 @@ def test_malicious_bin_runs_nothing(tmp_path):
     assert not victim.exists()
 
 
+def test_a_key_nested_too_deep_for_cpython_is_refused_before_unpickling(tmp_path):
+    # A dict key of 140,000 nested tuples: hashing it overflows the C stack
+    # (a segmentation fault at about 130 KB of file). A .bin has no dict.
+    path = tmp_path / 'deep.bin'
+    path.write_bytes(b'\x80\x04}' + b')' + b'\x85' * 140_000 + b'Ns.')
+    with pytest.raises(BinFormatError, match='opcode EMPTY_DICT'):
+        load_bin_pairs(path)
+
+
+@pytest.mark.parametrize('pickled', [{'a': 1}, {1, 2}, frozenset([1]),
+                                     bytearray(b'x')])
+def test_dicts_sets_and_objects_are_refused(tmp_path, pickled):
+    path = tmp_path / 'x.bin'
+    path.write_bytes(pickle.dumps(([b'a', b'b'], [pickled]), protocol=5))
+    with pytest.raises(BinFormatError, match='opcode'):
+        load_bin_pairs(path)
+
+
 def test_memo_bomb_is_refused_cheaply(tmp_path):
     # Without the pre-scan, CPython would allocate a 32 GiB memo table here.
     path = tmp_path / 'bomb.bin'
@@ -537,7 +555,7 @@ def test_memo_bomb_is_refused_cheaply(tmp_path):
 
 @pytest.mark.parametrize('obj, problem', [
     ((BINS, ISSAME, None), 'pair'),
-    ({'bins': BINS}, 'pair'),
+    ({'bins': BINS}, 'opcode EMPTY_DICT'),
     ([s.decode('latin1') for s in BINS], 'pair'),
     (([s.decode('latin1') for s in BINS], ISSAME), 'bins.0. has type str, expected bytes'),
     ((BINS[:-1], ISSAME), '5 images for 3 pairs'),

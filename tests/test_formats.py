@@ -123,6 +123,44 @@ def test_a_frame_header_far_into_the_file_is_not_looked_for():
         formats.check_jpeg_header(padded(jpeg(16, 16), comments), 'x.jpg')
 
 
+def smuggled(hidden, shown=(112, 112)):
+    """A JPEG whose real frame (claiming `hidden`) sits behind FF 00 and a
+    length, followed by a frame header claiming `shown`."""
+    body = with_claimed_size(jpeg(8, 8), *hidden)[2:]
+    fake_frame = (b'\xff\xc0\x00\x11\x08' + bytes([shown[0] >> 8, shown[0] & 255,
+                  shown[1] >> 8, shown[1] & 255]) + b'\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01')
+    length = len(body) + 2
+    return (b'\xff\xd8\xff\x00' + bytes([length >> 8, length & 255]) + body
+            + fake_frame + b'\xff\xd9')
+
+
+def test_a_frame_hidden_behind_ff00_is_not_taken_for_another():
+    # libjpeg drops FF 00 as stray data and decodes the hidden frame; a
+    # reader that skips it by its "length" would see only the shown one.
+    data = smuggled((1500, 1500))
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded is not None and decoded.shape[:2] == (1500, 1500)
+    assert formats.jpeg_size(data) is None
+    with pytest.raises(ValueError, match='not a JPEG'):
+        formats.check_jpeg_header(data, 'x.jpg', (112, 112))
+
+
+@pytest.mark.parametrize('marker', [0x00, 0x02, 0xBF, 0xF0])
+def test_markers_libjpeg_stops_at_end_the_search(marker):
+    data = jpeg(16, 16)
+    assert formats.jpeg_size(padded(data, bytes([0xFF, marker, 0, 4, 0, 0]))) is None
+    assert formats.jpeg_size(padded(data, b'\xff\xfe\x00\x04ab')) == (16, 16)
+
+
+def test_a_socket_named_like_an_image_is_refused(tmp_path):
+    import socket
+    path = str(tmp_path / 'face.jpg')
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        with pytest.raises(ValueError, match='not a regular file'):
+            formats.read_regular_file(path)
+
+
 @given(st.binary(max_size=64))
 def test_jpeg_size_never_fails_on_garbage(data):
     size = formats.jpeg_size(b'\xff\xd8' + data)
