@@ -185,8 +185,10 @@ def checked_face_records(items, image_size):
     Defined in :numref:`sec_facerecognition_dataset`"""
     def read(item):
         jpeg = read_face_jpeg(item[0], image_size)
-        if cv2.imdecode(onp.frombuffer(jpeg, onp.uint8), 1) is None:
-            raise ValueError(f'{item[0]}: cannot be decoded as an image')
+        image = cv2.imdecode(onp.frombuffer(jpeg, onp.uint8), 1)
+        if image is None or image.shape[:2] != tuple(image_size):
+            raise ValueError(f'{item[0]}: cannot be decoded to '
+                             f'{image_size[1]}x{image_size[0]} pixels')
         return item[1], jpeg
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
         for first in range(0, len(items), 1024):
@@ -371,7 +373,7 @@ def load_data_facerec(data_dir, verification_sets=(), batch_size=512):
     sets = {}
     for name in verification_sets:
         path = os.path.join(data_dir, name + '.bin')
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):  # a FIFO, say, is refused by load_bin
             raise FileNotFoundError(f'{path}: no verification set {name!r}')
         sets[name] = load_bin(path, train_iter.image_size)
     return train_iter, sets
@@ -416,7 +418,11 @@ def check_landmarks(landmark):
     """Return landmarks as a float64 (5, 2) array, or raise ValueError.
 
     Defined in :numref:`subsec_facerec_insightface_packs`"""
-    landmark = onp.asarray(landmark, dtype=onp.float64)
+    landmark = onp.asarray(landmark)
+    if landmark.dtype.kind not in 'iuf':  # not complex, text or huge ints
+        raise ValueError(f'landmark must hold real numbers, not '
+                         f'{landmark.dtype}')
+    landmark = landmark.astype(onp.float64)
     if landmark.shape != (5, 2):
         raise ValueError(f'landmark must have shape (5, 2), not '
                          f'{landmark.shape}')
@@ -436,8 +442,8 @@ def check_landmarks(landmark):
     # determinant / larger (which avoids subtracting nearly equal numbers).
     large = (sxx + syy) / 2 + (((sxx - syy) / 2) ** 2 + sxy ** 2) ** 0.5
     small = max(sxx * syy - sxy ** 2, 0.0) / large if large > 0 else 0.0
-    if large < 1e-12:  # the points spread less than 1e-6 pixels
-        raise ValueError('landmark points all coincide')
+    if large < 1:  # the points spread over less than about a pixel
+        raise ValueError('landmark points all coincide (within a pixel)')
     if small < 1e-6 * large:  # one axis is 1000 times shorter than the other
         raise ValueError('landmark points are collinear')
     return landmark
@@ -483,13 +489,19 @@ def face_align(image, landmark, image_size=112):
 
     Defined in :numref:`subsec_facerec_insightface_packs`"""
     if isinstance(image_size, bool) or not isinstance(
-            image_size, (int, onp.integer)) or not 0 < image_size < 32767:
-        raise ValueError(f'image_size must be a positive integer below '
-                         f'32767, not {image_size!r}')
-    M = estimate_similarity(check_landmarks(landmark), ARCFACE_TEMPLATE *
+            image_size, (int, onp.integer)) or not 0 < image_size or \
+            image_size ** 2 > formats.MAX_CROP_PIXELS:
+        raise ValueError(f'image_size must be a positive integer of at most '
+                         f'{math.isqrt(formats.MAX_CROP_PIXELS)}, not '
+                         f'{image_size!r}')
+    h, w = check_image(image).shape[:2]
+    landmark = check_landmarks(landmark)
+    if (abs(landmark - [w / 2, h / 2]) > [1.5 * w, 1.5 * h]).any():
+        raise ValueError(f'landmark points lie more than a whole image '
+                         f'outside the {w}x{h} image: no face to crop there')
+    M = estimate_similarity(landmark, ARCFACE_TEMPLATE *
                             (image_size / formats.TEMPLATE_SIZE))
-    return cv2.warpAffine(check_image(image), M, (int(image_size),) * 2,
-                          borderValue=0.0)
+    return cv2.warpAffine(image, M, (int(image_size),) * 2, borderValue=0.0)
 
 def read_state_dict(path, max_bytes=1 << 30):
     """Tensors by name from a PyTorch file, without running code from it.
@@ -765,7 +777,10 @@ def check_pairs(scores, issame, num_folds=1):
     """Scores (float64) and labels (bool) of pairs, checked to fit.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    scores, issame = onp.asarray(scores, onp.float64), onp.asarray(issame)
+    scores, issame = onp.asarray(scores), onp.asarray(issame)
+    if scores.dtype.kind not in 'iuf':  # not complex, text or objects
+        raise ValueError(f'scores must be real numbers, not {scores.dtype}')
+    scores = scores.astype(onp.float64)
     if scores.ndim != 1 or issame.shape != scores.shape:
         raise ValueError(f'expected one score and one label per pair, not '
                          f'shapes {scores.shape} and {issame.shape}')
@@ -776,7 +791,7 @@ def check_pairs(scores, issame, num_folds=1):
         bad = onp.flatnonzero(~onp.isfinite(scores))
         raise ValueError(f'{len(bad)} scores are NaN or infinite, the first '
                          f'of pair {bad[0]}: is an embedding all zeros?')
-    if not onp.isin(issame, (0, 1)).all():
+    if issame.dtype.kind not in 'biuf' or not onp.isin(issame, (0, 1)).all():
         raise ValueError('labels must be True/False or 1/0')
     return scores, issame.astype(bool)
 
@@ -816,6 +831,11 @@ def best_threshold_sorted(descending, same, thresholds=None):
     Defined in :numref:`sec_facerecognition_training`"""
     if thresholds is None:
         thresholds = candidate_thresholds(descending, is_sorted=True)
+    thresholds = onp.asarray(thresholds, onp.float64)
+    if thresholds.ndim != 1 or not thresholds.size or \
+            not onp.isfinite(thresholds).all():
+        raise ValueError('thresholds must be a non-empty list of finite '
+                         'numbers')
     true_accepts, false_accepts = count_accepts_sorted(descending, same,
                                                        thresholds)
     correct = true_accepts + (len(same) - same.sum()) - false_accepts
@@ -834,6 +854,10 @@ def kfold_splits(num_pairs, num_folds=10):
     """Indices of the test pairs of each fold: contiguous, sizes within 1.
 
     Defined in :numref:`sec_facerecognition_training`"""
+    if not all(isinstance(n, (int, onp.integer)) and not isinstance(n, bool)
+               for n in (num_pairs, num_folds)):
+        raise ValueError(f'the numbers of pairs and folds must be integers, '
+                         f'not {num_pairs!r} and {num_folds!r}')
     if num_folds < 2 or num_pairs < num_folds:
         raise ValueError(f'need 2 or more folds, and at least one pair per '
                          f'fold: {num_pairs} pairs, {num_folds} folds')
@@ -877,8 +901,9 @@ def far_threshold(scores, issame, far=1e-3):
 
     Defined in :numref:`sec_facerecognition_training`"""
     scores, issame = check_pairs(scores, issame)
-    if not 0 <= far <= 1:
-        raise ValueError(f'far must lie between 0 and 1, not {far}')
+    if onp.ndim(far) or onp.asarray(far).dtype.kind not in 'iuf' or \
+            not 0 <= far <= 1:
+        raise ValueError(f'far must be a number between 0 and 1, not {far!r}')
     different = onp.sort(scores[~issame])[::-1]
     allowed = int(onp.floor(far * len(different) + 1e-9))
     if allowed >= len(different):
@@ -1204,20 +1229,31 @@ def identify(probes, gallery, threshold=None):
     """Most similar gallery row of each unit probe, its cosine; -1: nobody.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    probes = onp.asarray(probes, onp.float64)
-    gallery = onp.asarray(gallery, onp.float64)
+    probes, gallery = onp.asarray(probes), onp.asarray(gallery)
     if probes.ndim != 2 or gallery.ndim != 2 or len(gallery) == 0 or \
-            probes.shape[1] != gallery.shape[1]:
-        raise ValueError(f'expected probes (n, d) and a non-empty gallery '
-                         f'(m, d), not {probes.shape} and {gallery.shape}')
-    similarity = probes @ gallery.T
-    # A NaN embedding (of a failed enrollment, say) is similar to nothing:
-    # argmax would pick it, so it gets -inf and never wins.
-    similarity[onp.isnan(similarity)] = -onp.inf
+            probes.shape[1] != gallery.shape[1] or \
+            not {probes.dtype.kind, gallery.dtype.kind} <= set('iuf'):
+        raise ValueError(f'expected real probes (n, d) and a non-empty '
+                         f'gallery (m, d), not {probes.shape} {probes.dtype} '
+                         f'and {gallery.shape} {gallery.dtype}')
+    threshold = -onp.inf if threshold is None else float(threshold)
+    if onp.isnan(threshold):
+        raise ValueError('the threshold is NaN')
+    # A row with NaN or infinity (a failed enrollment, say) is similar to
+    # nothing: it never wins, and such a probe finds nobody.
+    rows = [x.astype(onp.float64) for x in (probes, gallery)]
+    bad = [~onp.isfinite(x).all(axis=1) for x in rows]
+    for x, unusable, name in zip(rows, bad, ('probe', 'gallery')):
+        x[unusable] = 0
+        off = onp.abs(onp.linalg.norm(x[~unusable], axis=1) - 1)
+        if len(off) and off.max() > 1e-3:
+            raise ValueError(f'{name} rows must be unit embeddings, one '
+                             f'is {off.max():g} away from length 1')
+    similarity = rows[0] @ rows[1].T
+    similarity[bad[0]], similarity[:, bad[1]] = -onp.inf, -onp.inf
     best = similarity.argmax(axis=1)
     cosine = similarity[onp.arange(len(best)), best]
-    nobody = ~(cosine > (-onp.inf if threshold is None else threshold))
-    return onp.where(nobody, -1, best), cosine
+    return onp.where(cosine > threshold, best, -1), cosine
 
 def split_classes(num_classes, num_shards):
     """Split range(num_classes) into `num_shards` contiguous (start, stop).

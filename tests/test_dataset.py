@@ -211,7 +211,7 @@ def test_every_dtype_opencv_warps_is_accepted(dtype):
 
 
 @pytest.mark.parametrize('image_size', [0, -112, 2.5, 112.0, '112', None,
-                                        True, 1 << 40])
+                                        True, 32766, 1 << 40])
 def test_image_size_must_be_a_positive_integer(image_size):
     image = onp.zeros((112, 112, 3), onp.uint8)
     with pytest.raises(ValueError, match='image_size'):
@@ -235,6 +235,38 @@ def test_landmarks_of_absurd_magnitude_are_refused(magnitude):
                      template - magnitude):
         with pytest.raises(ValueError, match='landmark'):
             d2lf.face_align(image, landmark)
+
+
+@pytest.mark.parametrize('landmark', [
+    d2lf.ARCFACE_TEMPLATE + 999_000,          # within a million, off the image
+    d2lf.ARCFACE_TEMPLATE - 400,
+])
+def test_landmarks_far_outside_the_image_are_refused(landmark):
+    # Warping from there would crop only the black border.
+    image = onp.full((200, 200, 3), 255, onp.uint8)
+    with pytest.raises(ValueError, match='landmark points lie more than'):
+        d2lf.face_align(image, landmark)
+    # A face cut by the image border is still a face.
+    assert d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE + 120).shape == \
+        (112, 112, 3)
+
+
+@pytest.mark.parametrize('landmark, message', [
+    ([[10 ** 400, 0]] * 5, 'real numbers'),           # beyond any float
+    (d2lf.ARCFACE_TEMPLATE * (1 + 1j), 'real numbers'),
+    ([['1', '2']] * 5, 'real numbers'),
+    (d2lf.ARCFACE_TEMPLATE * 1e-7 + 50, 'coincide'),  # a face of 4e-6 pixels
+])
+def test_landmarks_that_are_no_face_are_refused(landmark, message):
+    with pytest.raises(ValueError, match=message):
+        d2lf.face_align(onp.zeros((200, 200, 3), onp.uint8), landmark)
+
+
+def test_crops_beyond_a_face_crop_are_refused():
+    image = onp.zeros((200, 200, 3), onp.uint8)
+    assert d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE, 1024).shape[0] == 1024
+    with pytest.raises(ValueError, match='at most 1024'):
+        d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE, 1025)
 
 
 def test_template_is_the_one_of_formats():
@@ -292,27 +324,40 @@ def formats_sof(jpeg):
     return at
 
 
+@pytest.mark.parametrize('craft, problem', [
+    ('claims 20000x20000', '20000x20000'),
+    # libjpeg drops FF 00 and decodes a frame hidden behind it
+    ('hides a 1500x1500 frame behind FF 00', 'not a JPEG')])
 def test_a_jpeg_claiming_a_huge_size_is_refused_before_decoding(
-        data_dir, tmp_path, monkeypatch):
+        data_dir, tmp_path, monkeypatch, craft, problem):
+    from test_formats import smuggled
     path = sorted((data_dir / '00000001').glob('*.jpg'))[0]
-    path.write_bytes(claiming(path.read_bytes(), 20000, 20000))
+    path.write_bytes(claiming(path.read_bytes(), 20000, 20000)
+                     if craft.startswith('claims') else smuggled((1500, 1500)))
     # Not one decode may happen: the header alone must refuse the file.
     huge, decode = path.read_bytes(), cv2.imdecode
 
     def imdecode(buf, flags):
         if bytes(buf) == huge:
-            pytest.fail('decoded a file whose header claims 20000x20000')
+            pytest.fail(f'decoded a file that {craft}')
         return decode(buf, flags)
     monkeypatch.setattr(d2lf.cv2, 'imdecode', imdecode)
     for image_size in (None, (112, 112)):
-        with pytest.raises(ValueError, match=f'{path.name}.*20000x20000'):
+        with pytest.raises(ValueError, match=f'{path.name}.*{problem}'):
             d2lf.read_face_image(str(path), image_size)
-    with pytest.raises(ValueError, match=f'{path.name}.*20000x20000'):
+    with pytest.raises(ValueError, match=f'{path.name}.*{problem}'):
         d2lf.pack_face_records(str(data_dir))
     bin_path = str(tmp_path / 'huge.bin')
     datahub.save_bin_pairs(bin_path, [path.read_bytes()] * 2, [True])
-    with pytest.raises(ValueError, match=r'huge\.bin: image 0.*20000x20000'):
+    with pytest.raises(ValueError, match=rf'huge\.bin: image 0.*{problem}'):
         d2lf.load_bin(bin_path)
+
+
+def test_a_fifo_named_like_a_verification_set_is_named(data_dir):
+    make_fifo(data_dir / 'fifo.bin')
+    kind, error = in_time(d2lf.load_data_facerec, str(data_dir), ['fifo'])
+    assert kind == 'error' and 'fifo.bin' in str(error)
+    assert 'not a regular file' in str(error)
 
 
 def test_bin_listing_more_images_than_its_size_holds(tmp_path, standin_root):

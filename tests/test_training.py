@@ -270,9 +270,33 @@ def test_val_and_roc_need_both_kinds_of_pairs(metric, label):
 
 
 def test_far_outside_zero_one_is_refused():
-    for far in (-0.1, 1.5, onp.nan):
-        with pytest.raises(ValueError, match='far must lie'):
+    for far in (-0.1, 1.5, onp.nan, '0.1', None, [0.1], 0.1j):
+        with pytest.raises(ValueError, match='far must be a number between'):
             d2lf.far_threshold(SCORES, ISSAME, far)
+
+
+@pytest.mark.parametrize('thresholds', [[], [onp.nan], [0.1, onp.inf],
+                                        [[0.1]], 'abc'])
+def test_thresholds_given_must_be_finite_numbers(thresholds):
+    for search in (d2lf.best_threshold,
+                   lambda s, i, t: d2lf.verification_accuracy(s, i, 10, t)):
+        with pytest.raises(ValueError):
+            search(SCORES, ISSAME, thresholds)
+
+
+@pytest.mark.parametrize('num_pairs, num_folds', [(10, 2.5), (10.5, 2),
+                                                  (10, True), (10, '2')])
+def test_fold_counts_must_be_integers(num_pairs, num_folds):
+    with pytest.raises(ValueError, match='must be integers'):
+        d2lf.kfold_splits(num_pairs, num_folds)
+
+
+@pytest.mark.parametrize('scores, labels', [
+    (SCORES.astype(complex), ISSAME), (SCORES.astype(str), ISSAME),
+    (SCORES, ISSAME.astype(str)), (SCORES.astype(object), ISSAME)])
+def test_scores_and_labels_must_be_real(scores, labels):
+    with pytest.raises(ValueError, match='must be'):
+        d2lf.verification_accuracy(scores, labels)
 
 
 def test_candidates_and_pair_scores_refuse_bad_input():
@@ -490,7 +514,7 @@ def test_identify_matches_a_loop_over_the_gallery():
     (onp.ones((2, 3)), onp.ones((0, 3))),   # nobody enrolled
 ])
 def test_identify_rejects_bad_shapes(probes, gallery):
-    with pytest.raises(ValueError, match='expected probes'):
+    with pytest.raises(ValueError, match='expected real probes'):
         d2lf.identify(probes, gallery)
 
 
@@ -503,6 +527,35 @@ def test_a_nan_gallery_row_never_wins():
     assert cosine == pytest.approx([probes[0, 0], 0.8])
     best, _ = d2lf.identify(probes, gallery, threshold=0.5)
     assert best.tolist() == [-1, 2]
+
+
+@pytest.mark.parametrize('value', [onp.inf, -onp.inf])
+def test_an_infinite_gallery_row_never_wins(value):
+    gallery = onp.eye(3)
+    gallery[1, 1] = value
+    best, cosine = d2lf.identify(unit_rows([[0.6, 0.8, 0]]), gallery)
+    assert best.tolist() == [0] and cosine == pytest.approx([0.6])
+
+
+@pytest.mark.parametrize('scale', [1e300, 5.0, 0.0])
+def test_rows_that_are_not_unit_embeddings_are_refused(scale):
+    gallery = onp.eye(3)
+    gallery[2] *= scale
+    with pytest.raises(ValueError, match='gallery rows must be unit'):
+        d2lf.identify(unit_rows([[0.6, 0.8, 0]]), gallery)
+    with pytest.raises(ValueError, match='probe rows must be unit'):
+        d2lf.identify(onp.eye(3) * scale, onp.eye(3))
+
+
+@pytest.mark.parametrize('threshold', [onp.nan, 'abc'])
+def test_a_threshold_that_is_not_a_number_is_refused(threshold):
+    with pytest.raises(ValueError):
+        d2lf.identify(onp.eye(3), onp.eye(3), threshold)
+
+
+def test_complex_embeddings_are_refused():
+    with pytest.raises(ValueError, match='expected real probes'):
+        d2lf.identify(onp.eye(3) * (1 + 0j), onp.eye(3))
 
 
 def test_a_nan_probe_or_an_all_nan_gallery_finds_nobody():
