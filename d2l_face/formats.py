@@ -34,8 +34,10 @@ MAX_IMAGE_PIXELS = 8000 * 8000
 # hundred pixels wide; a training batch holds batch_size of them as floats.
 MAX_CROP_PIXELS = 1024 * 1024
 # JPEG segments before the frame header (EXIF, ICC profile, tables) take
-# kilobytes; a header this far in is refused rather than searched for.
+# kilobytes in a few dozen segments; a header this far in, or after this
+# many segments, is refused rather than searched for.
 MAX_JPEG_HEADER_BYTES = 2 << 20
+MAX_JPEG_SEGMENTS = 1024
 # A face crop file is a few KB; a whole photo a few MB.
 MAX_IMAGE_BYTES = 64 << 20
 
@@ -120,12 +122,15 @@ def _frame_header(data):
     `end` is the byte after the width: the fewest first bytes from which
     the size can be read. One pass over the segments, each skipped by its
     length, runs of fill bytes at once; a frame header that does not start
-    in the first MAX_JPEG_HEADER_BYTES is not looked for."""
+    in the first MAX_JPEG_HEADER_BYTES, or after MAX_JPEG_SEGMENTS markers,
+    is not looked for."""
     data = memoryview(data)[:MAX_JPEG_HEADER_BYTES + 9].tobytes()
     if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
     pos = 2
-    while pos + 4 <= len(data) and pos <= MAX_JPEG_HEADER_BYTES:
+    for _ in range(MAX_JPEG_SEGMENTS):
+        if pos + 4 > len(data) or pos > MAX_JPEG_HEADER_BYTES:
+            return None
         if data[pos] != 0xFF:
             return None
         marker = data[pos + 1]

@@ -115,6 +115,15 @@ def test_long_runs_of_fill_bytes_are_skipped_at_once():
     assert formats.jpeg_size(data) == (16, 16)
 
 
+def test_a_frame_header_after_too_many_segments_is_not_looked_for():
+    # Each tiny segment costs a step: a few KB could otherwise cost seconds.
+    empty_comment = b'\xff\xfe\x00\x02'
+    assert formats.jpeg_size(padded(jpeg(16, 16), empty_comment * 100)) == \
+        (16, 16)
+    many = empty_comment * formats.MAX_JPEG_SEGMENTS
+    assert formats.jpeg_size(padded(jpeg(16, 16), many)) is None
+
+
 def test_a_frame_header_far_into_the_file_is_not_looked_for():
     comments = b''.join(b'\xff\xfe\xff\xff' + b'c' * 65533 for _ in range(40))
     assert formats.jpeg_size(padded(jpeg(16, 16), comments[:65537])) == (16, 16)
