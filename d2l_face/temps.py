@@ -21,6 +21,7 @@ parsed, never matched with a glob pattern (a folder named ``data[1]`` cannot
 reach into ``data1``). Files and folders are created with the user's umask,
 as any file the user makes.
 """
+import contextlib
 import hashlib
 import os
 import re
@@ -162,3 +163,38 @@ def remove_stale(folder, prefix=PREFIX, before_removing=None):
                 os.remove(path)
         except OSError:
             pass  # gone already (another run cleaning up), or not ours to remove
+
+
+@contextlib.contextmanager
+def writing(path, mode='wb'):
+    """Yield a new file whose content becomes `path` when the block ends.
+
+    The file is written under a temporary name beside `path` and renamed
+    over it only after the block ended normally and the data reached the
+    disk, so `path` holds the old content or the whole new one, never a
+    part (a full disk, an exception or a kill midway leaves the old file,
+    and the temporary goes now or at the next run's :func:`remove_stale`).
+    A link at `path` is replaced, not followed."""
+    folder = os.path.dirname(path) or '.'
+    remove_stale(folder)
+    tmp, f = create_file(folder, mode=mode)
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _sync_folder(folder)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _sync_folder(folder):
+    """Make a rename in `folder` durable (best effort; POSIX only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
