@@ -327,11 +327,10 @@ class FaceRecordIter:
                 self._buffers[slot][1] = None
 
 def load_bin(path, image_size=(112, 112), max_images=100_000):
-    """Defined in :numref:`sec_facerecognition_dataset`"""
-    """Load a .bin verification set: (images, issame).
+    """Read a .bin set: uint8 images (2, 2n, 3, h, w) and issame (n,).
 
-    images: uint8 array of shape (2, 2 * num_pairs, 3, h, w), the second
-    copy flipped left-right; issame: bool array of shape (num_pairs,)."""
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    # images[1] holds the images of images[0] flipped left-right.
     bins, issame = datahub.load_bin_pairs(path)
     # A face JPEG takes far more than a hundred bytes: more images than
     # that (beyond a first thousand) means the same bytes listed again.
@@ -1267,11 +1266,11 @@ def split_classes(num_classes, num_shards):
     return list(zip([0] + stops[:-1], stops))
 
 def sharded_softmax_loss(logits, labels, ranges, home):
-    """Defined in :numref:`sec_facerecognition_parallel`"""
     """Softmax cross-entropy from per-shard logits, never gathered.
 
-    logits[i] holds the logits of classes ranges[i] for the whole batch on
-    its shard's device; the per-example loss is returned on `home`."""
+    Defined in :numref:`sec_facerecognition_parallel`"""
+    # logits[i] holds the logits of classes ranges[i] for the whole batch on
+    # its shard's device; the per-example loss is returned on `home`.
     # 1. k maxima per example come home; the largest is the shift M.
     top = np.stack([z.max(axis=1).as_in_ctx(home) for z in logits])
     top = top.max(axis=0).detach()
@@ -1317,9 +1316,11 @@ class ShardedMarginLoss(nn.Block):
                                     labels, self.ranges, embeddings.ctx)
 
 def worker_dataset(data_dir, num_classes, batch_size, rank, num_workers):
-    """Defined in :numref:`sec_facerecognition_parallel`"""
-    """A worker's images: every `num_workers`-th image of the first
-    `num_classes` identities, starting at its `rank`; one batch at least."""
+    """A worker's share of the images: at least one batch of them.
+
+    Defined in :numref:`sec_facerecognition_parallel`"""
+    # Every `num_workers`-th image of the first `num_classes` identities,
+    # starting at the worker's `rank`.
     dataset = FaceDataset(data_dir)
     items = [item for item in dataset.items if item[1] < num_classes]
     dataset.items = items[rank::num_workers]
@@ -1331,9 +1332,10 @@ def worker_dataset(data_dir, num_classes, batch_size, rank, num_workers):
     return dataset
 
 def init_face_worker(num_classes, width, devices, seed, rank):
-    """Defined in :numref:`sec_facerecognition_parallel`"""
-    """Initialize a small face net and margin layer alike on every worker,
-    then seed this worker's own order and flips of images."""
+    """The same small face net and margin layer on every worker.
+
+    Defined in :numref:`sec_facerecognition_parallel`"""
+    # Then each worker seeds its own order and flips of images.
     net = face_resnet(18, width=width, embedding_size=64)
     head = MarginLogits(num_classes, 64, s=16.0, m3=0.1)
     npx.random.seed(seed)  # the same initial weights on every worker

@@ -330,11 +330,10 @@ class FaceRecordIter:
                 self._buffers[slot][1] = None
 
 def load_bin(path, image_size=(112, 112), max_images=100_000):
-    """Defined in :numref:`sec_facerecognition_dataset`"""
-    """Load a .bin verification set: (images, issame).
+    """Read a .bin set: uint8 images (2, 2n, 3, h, w) and issame (n,).
 
-    images: uint8 array of shape (2, 2 * num_pairs, 3, h, w), the second
-    copy flipped left-right; issame: bool array of shape (num_pairs,)."""
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    # images[1] holds the images of images[0] flipped left-right.
     bins, issame = datahub.load_bin_pairs(path)
     # A face JPEG takes far more than a hundred bytes: more images than
     # that (beyond a first thousand) means the same bytes listed again.
@@ -1319,11 +1318,11 @@ def split_classes(num_classes, num_shards):
     return list(zip([0] + stops[:-1], stops))
 
 def sharded_softmax_loss(logits, labels, ranges, home):
-    """Defined in :numref:`sec_facerecognition_parallel`"""
     """Softmax cross-entropy from per-shard logits, never gathered.
 
-    logits[i] holds the logits of classes ranges[i] for the whole batch on
-    its shard's device; the per-example loss is returned on `home`."""
+    Defined in :numref:`sec_facerecognition_parallel`"""
+    # logits[i] holds the logits of classes ranges[i] for the whole batch on
+    # its shard's device; the per-example loss is returned on `home`.
     # 1. k maxima per example come home; the largest is the shift M.
     top = torch.stack([z.max(dim=1).values.to(home) for z in logits])
     top = top.max(dim=0).values.detach()
@@ -1340,9 +1339,10 @@ def sharded_softmax_loss(logits, labels, ranges, home):
     return torch.log(sum_exp) + top - target
 
 class MarginShard(MarginLogits):
-    """Defined in :numref:`sec_facerecognition_parallel`"""
-    """MarginLogits of a range of classes; a label outside the range
-    (negative, or past its end) gets no margin."""
+    """MarginLogits of a range of classes; other labels get no margin.
+
+    Defined in :numref:`sec_facerecognition_parallel`"""
+    # A label outside the range is negative or past its end.
     def forward(self, embeddings, labels):
         def unit_rows(x):
             return x / torch.sqrt((x * x).sum(dim=1, keepdim=True) + 1e-12)
@@ -1382,9 +1382,10 @@ class ShardedMarginLoss(nn.Module):
                                     labels, self.ranges, embeddings.device)
 
 def face_batches(data_dir, num_classes, batch_size, num_steps, seed=0):
-    """Defined in :numref:`sec_facerecognition_parallel`"""
-    """`num_steps` batches of the first `num_classes` identities' images,
-    shuffled and flipped alike in every process with the same `seed`."""
+    """`num_steps` batches, the same in every process with the same seed.
+
+    Defined in :numref:`sec_facerecognition_parallel`"""
+    # Images of the first `num_classes` identities, shuffled and flipped.
     items = list_facerec_images(data_dir, num_classes)
     if len(items) < batch_size:
         raise ValueError(f'{data_dir} has {len(items)} images of the first '
@@ -1417,9 +1418,11 @@ def init_face_model(num_classes, width, seed):
     return net, head
 
 def train_on_parts(net, head, batches, parts, num_parts, lr=0.05):
-    """Defined in :numref:`sec_facerecognition_parallel`"""
-    """SGD on the parts `parts` of each batch cut into `num_parts` equal
-    parts; return the mean loss over those parts at each step."""
+    """SGD on some parts of each batch; the mean loss of each step.
+
+    Defined in :numref:`sec_facerecognition_parallel`"""
+    # Each batch is cut into `num_parts` equal parts, of which the step
+    # trains on those listed in `parts`.
     if batches[0][0].shape[0] % num_parts:
         raise ValueError(f'a batch of {batches[0][0].shape[0]} does not '
                          f'cut into {num_parts} equal parts')
@@ -1444,9 +1447,10 @@ def train_on_parts(net, head, batches, parts, num_parts, lr=0.05):
 def train_face_worker(data_dir, out_dir, backend='gloo', num_classes=20,
                       batch_size=8, num_steps=10, lr=0.05, width=0.125,
                       seed=0, dtype='float32'):
-    """Defined in :numref:`sec_facerecognition_parallel`"""
-    """In a job that torchrun started: train a small face net data
-    parallel, `batch_size` images per rank; save losses and model."""
+    """Train a small face net data parallel in a job torchrun started.
+
+    Defined in :numref:`sec_facerecognition_parallel`"""
+    # `batch_size` images per rank; each rank saves its losses and model.
     dist.init_process_group(backend)  # reads MASTER_ADDR, RANK, ...
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = (torch.device('cuda', int(os.environ['LOCAL_RANK']))
@@ -1473,9 +1477,10 @@ def train_face_worker(data_dir, out_dir, backend='gloo', num_classes=20,
     dist.barrier()
 
 def dist_sharded_softmax_loss(logits, labels, start):
-    """Defined in :numref:`sec_facerecognition_parallel`"""
-    """Softmax cross-entropy of the global batch, from this rank's logits of
-    the classes start, start + 1, ... and those of the other ranks."""
+    """Softmax cross-entropy of the global batch from the ranks' shards.
+
+    Defined in :numref:`sec_facerecognition_parallel`"""
+    # `logits` are this rank's, of the classes start, start + 1, ...
     top = logits.detach().max(dim=1).values
     dist.all_reduce(top, op=dist.ReduceOp.MAX)  # 1. the shift M
     # 2. and 3., recorded by autograd: their gradients are all-reduced too.
@@ -1522,9 +1527,10 @@ def random_margin_problem(num_classes, embedding_size, batch_size, seed=0):
 
 def sharded_loss_worker(out_dir, num_classes=1000, embedding_size=64,
                         batch_size=8, margin=(64.0, 1.0, 0.5, 0.0), seed=0):
-    """Defined in :numref:`sec_facerecognition_parallel`"""
-    """In a job that torchrun started: the sharded loss of a random problem
-    and its gradients; each rank saves its examples' and its shard's."""
+    """The sharded loss of a random problem and its gradients, per rank.
+
+    Defined in :numref:`sec_facerecognition_parallel`"""
+    # In a job that torchrun started; each rank saves its own part.
     dist.init_process_group('gloo')
     rank, world_size = dist.get_rank(), dist.get_world_size()
     X, y, W = random_margin_problem(num_classes, embedding_size,

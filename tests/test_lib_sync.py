@@ -39,3 +39,41 @@ def test_saved_cells_reach_the_library():
     for name in ['read_facerec_meta', 'FaceDataset', 'load_data_facerec',
                  'face_align']:
         assert hasattr(d2lf, name), name
+
+
+def saved_definitions(module):
+    """The functions and classes d2lbook wrote below the WARNING line."""
+    import ast
+    with open(os.path.join(REPO, 'd2l_face', module)) as f:
+        source = f.read()
+    generated = source[source.index('#################   WARNING'):]
+    return [node for node in ast.parse(generated).body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+
+
+def lost_docstring(node):
+    """Why `node`'s docstring is lost in the library, or None if it is kept.
+
+    d2lbook adds a 'Defined in' line to a one-line docstring, but puts a
+    docstring of its own before a multi-line one, which is then no more
+    than a string that `help` never shows."""
+    import ast
+    doc = ast.get_docstring(node)
+    if doc is None:
+        return 'no docstring'
+    if doc.startswith('Defined in'):
+        return 'only "Defined in"'
+    second = node.body[1] if len(node.body) > 1 else None
+    if (isinstance(second, ast.Expr) and isinstance(second.value, ast.Constant)
+            and isinstance(second.value.value, str)):
+        return 'a second string after the docstring'
+    return None
+
+
+@pytest.mark.parametrize('module', ['mxnet.py', 'torch.py'])
+def test_every_saved_definition_keeps_its_docstring(module):
+    lost = {node.name: why for node in saved_definitions(module)
+            if (why := lost_docstring(node))}
+    assert not lost, (
+        f'd2l_face/{module}: docstrings lost by `d2lbook build lib` '
+        f'(write them on one line, as d2l does): {lost}')
