@@ -13,7 +13,7 @@ export PATH := $(BIN):$(PATH)
 # The build and the tests run on the generated stand-in unless told otherwise.
 export D2L_FACE_SOURCE ?= standin
 
-.PHONY: setup standin pack lib notebooks test html eval-mxnet eval-pytorch bench clean
+.PHONY: setup standin pack lib notebooks check test html eval-mxnet eval-pytorch bench clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ notebooks: $(STAMP)
 # its share of the cores. The stand-in is packed before (`pack`), so that no
 # two notebooks write its pack at the same time.
 TEST_WORKERS ?= auto
+
+# The library's tests alone (no notebook runs): a couple of minutes.
+check: $(STAMP)
+	$(BIN)/python -m pytest tests -p no:cacheprovider -n $(TEST_WORKERS)
 
 test: $(STAMP) standin pack notebooks
 	$(BIN)/python -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env \

@@ -146,14 +146,8 @@ def check_ours(prefix):
 
 def _write_json(path, value):
     """Write `value` to `path` as JSON, whole or not at all."""
-    tmp, f = temps.create_file(os.path.dirname(path) or '.', suffix='.json')
-    try:
-        with f:
-            f.write(json.dumps(value).encode('ascii'))
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    with temps.writing(path) as f:
+        f.write(json.dumps(value).encode('ascii'))
 
 
 def remove_stale(prefix):
