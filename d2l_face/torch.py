@@ -1288,7 +1288,10 @@ def embed_face(net, image, devices=None):
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f'expected an RGB image of shape (h, w, 3), not '
                          f'{image.shape}')
-    chw = image.astype(onp.uint8).transpose(2, 0, 1)
+    if image.dtype != onp.uint8:  # casting would wrap or truncate, NaN too
+        raise ValueError(f'expected a uint8 RGB image of shape (h, w, 3), '
+                         f'not {image.dtype}: pixel values 0 to 255')
+    chw = image.transpose(2, 0, 1)
     both = onp.stack([chw, chw[:, :, ::-1]])[:, None]  # (2, 1, 3, h, w)
     return embed_pairs(net, both, 1, devices)[0]
 
