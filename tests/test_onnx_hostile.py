@@ -164,6 +164,21 @@ def test_a_small_file_asking_for_much_memory_is_refused_before_a_session(
     assert path in str(info.value)
 
 
+def test_a_value_of_unknown_shape_is_refused(tmp_path, no_session):
+    # ONNX's shape inference does not follow Div into Reshape's shape: at
+    # run time it could be anything, so it is refused.
+    model = graph_model([helper.make_node('Flatten', ['x'], ['f']),
+                         helper.make_node('Div', ['a', 'b'], ['s']),
+                         helper.make_node('Reshape', ['f', 's'], ['y'])],
+                        [int64s('a', [2, 2 * 3 * SIZE * SIZE]),
+                         int64s('b', [2, 2])])
+    path = write(tmp_path / 'm.onnx', model)
+    with pytest.raises(onnxrun.ModelFileError,
+                       match=r"m\.onnx: the shape of 'y' \(Reshape\) is "
+                             r"unknown"):
+        onnxrun.EmbeddingModel(path)
+
+
 def test_many_moderate_values_are_refused_by_their_total(tmp_path,
                                                          no_session):
     # Each value is allowed; together they pass MAX_TOTAL_ELEMENTS.
