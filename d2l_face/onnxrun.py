@@ -167,6 +167,11 @@ def _check_tensor(tensor, name):
 def _check_contents(model, name):
     """Refuse data kept in other files, large tensors and unknown operators,
     in the graph and in any graph nested in it."""
+    if len(model.functions) or len(model.training_info):
+        # graphs of their own, which no face embedding network needs
+        raise ModelFileError(f'{name}: holds model-local functions or '
+                             f'training information; an embedding network '
+                             f'needs neither')
     graphs = list(_graphs(model.graph))
     for graph in graphs:  # data first: what an operator's graph would read
         for tensor in _tensors(graph):

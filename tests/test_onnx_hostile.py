@@ -115,6 +115,23 @@ def test_the_secret_would_come_out_as_the_embedding(tmp_path, monkeypatch,
     assert onp.array_equal(session.run(None, {'x': x})[0][0], SECRET)
 
 
+def test_graphs_outside_the_main_one_are_refused(tmp_path):
+    # A local function, or training information, holds nodes of its own.
+    function = helper.make_function(
+        'local', 'Secret', [], ['w'],
+        [helper.make_node('Constant', [], ['w'], value=external('c'))],
+        [helper.make_opsetid('', 17)])
+    model = graph_model(pooled([helper.make_node('Secret', [], ['w'],
+                                                 domain='local'),
+                                helper.make_node('Add', ['f', 'w'],
+                                                 ['y'])]))
+    model.opset_import.add(domain='local', version=1)
+    model.functions.append(function)
+    path = write(tmp_path / 'm.onnx', model)
+    with pytest.raises(onnxrun.ModelFileError, match='model-local functions'):
+        onnxrun.EmbeddingModel(path)
+
+
 # -- memory bounded before anything is allocated ----------------------------
 
 def int64s(name, values):
