@@ -159,8 +159,8 @@ def _check_tensor(tensor, name):
     elements = _elements(tensor.dims)
     if elements is None or elements > MAX_TENSOR_ELEMENTS:
         raise ModelFileError(
-            f'{name}: tensor {tensor.name!r} of shape {list(tensor.dims)} '
-            f'is not a shape of at most MAX_TENSOR_ELEMENTS = '
+            f'{name}: tensor {tensor.name!r} has shape {list(tensor.dims)}, '
+            f'a negative dimension or more than MAX_TENSOR_ELEMENTS = '
             f'{MAX_TENSOR_ELEMENTS} elements')
 
 
