@@ -29,7 +29,8 @@ from torch.nn import functional as F
 from torchvision import transforms
 
 import d2l_face
-from d2l_face import datahub, formats, onnxrun, packs, recordio, standin
+from d2l_face import (datahub, formats, onnxrun, packs, recordio, standin,
+                      temps)
 
 #################   WARNING   ################
 # The below part is generated automatically through:
@@ -505,30 +506,76 @@ def face_align(image, landmark, image_size=112):
                             (image_size / formats.TEMPLATE_SIZE))
     return cv2.warpAffine(image, M, (int(image_size),) * 2, borderValue=0.0)
 
-def read_state_dict(path, max_bytes=1 << 30):
-    """Tensors by name from a PyTorch file, without running code from it.
+# The opening of torch.save's older format (the pickled magic number
+# 0x1950a86a20f9469cfc6c), and the records of its zip archives
+TORCH_LEGACY_MAGIC = b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.'
+TORCH_SAVE_RECORDS = (r'data\.pkl|byteorder|version|\.format_version|'
+                      r'\.storage_alignment|\.data/(serialization_id|version)|'
+                      r'data/[0-9]+')
+
+def check_tensor_file(data, path):
+    """Refuse all but a `torch.save` file, so that torch.load runs no code.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    import io
+    import re
+    import torch
+    if data.startswith(TORCH_LEGACY_MAGIC):  # read by the restricted unpickler
+        return
+    if not data.startswith(b'PK\x03\x04'):  # what torch.load takes for a zip
+        raise ValueError(f'{path}: not a file written by torch.save')
+    try:  # the reader torch.load uses, so that we see the records it sees
+        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
+        records = reader.get_all_records()
+    except Exception as e:
+        raise ValueError(f'{path}: not a readable zip archive ({e})') from e
+    others = [r for r in records if not re.fullmatch(TORCH_SAVE_RECORDS, r)]
+    if others:  # e.g. constants.pkl and code/: a TorchScript archive
+        raise ValueError(f'{path}: a zip archive with records {others[:3]} '
+                         f'that torch.save never writes (TorchScript?); '
+                         f'refused, since torch.load would run its code')
+
+def load_tensors(path, max_bytes=1 << 30):
+    """Tensors, in dicts and lists, from a torch.save file: runs no code.
 
     Defined in :numref:`subsec_facerec_insightface_packs`"""
     import io
     import torch  # imported on use: the MXNet library need not load PyTorch
     data = formats.read_regular_file(path, max_bytes)  # refuses FIFOs too
+    check_tensor_file(data, path)  # before torch.load, which may run code
     try:
         # The restricted unpickler builds tensors, dicts and numbers only;
         # any other global that the pickle names is refused, never called.
-        state = torch.load(io.BytesIO(data), map_location='cpu',
-                           weights_only=True)
+        return torch.load(io.BytesIO(data), map_location='cpu',
+                          weights_only=True)
     except Exception as e:  # nothing from the file has run: it is malformed
         # PyTorch's message opens with advice to load unsafely; keep the cause.
         cause = [line for line in str(e).splitlines()
                  if line.strip() and 'weights_only' not in line]
         raise ValueError(f'{path}: not a PyTorch file of plain tensors '
                          f'({cause[0] if cause else type(e).__name__})') from e
+
+def read_state_dict(path, max_bytes=1 << 30):
+    """Tensors by name from a PyTorch file, without running code from it.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    import torch
+    state = load_tensors(path, max_bytes)
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor)
             for k, v in state.items()):
         raise ValueError(f'{path}: holds a {type(state).__name__}, not a '
                          f'state dict of named tensors')
     return state
+
+def save_tensors(tensors, path):
+    """`torch.save` to `path`, which ends up whole or as it was before.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    import torch
+    with temps.writing(path) as f:  # a link at path is replaced, not followed
+        torch.save(tensors, f)
+    return path
 
 def load_mtcnn(folder=None):
     """MTCNN's P-Net, R-Net and O-Net, weights read by `read_state_dict`.
@@ -1240,7 +1287,10 @@ def embed_face(net, image, devices=None):
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f'expected an RGB image of shape (h, w, 3), not '
                          f'{image.shape}')
-    chw = image.astype(onp.uint8).transpose(2, 0, 1)
+    if image.dtype != onp.uint8:  # casting would wrap or truncate, NaN too
+        raise ValueError(f'expected a uint8 RGB image of shape (h, w, 3), '
+                         f'not {image.dtype}: pixel values 0 to 255')
+    chw = image.transpose(2, 0, 1)
     both = onp.stack([chw, chw[:, :, ::-1]])[:, None]  # (2, 1, 3, h, w)
     return embed_pairs(net, both, 1, devices)[0]
 
@@ -1464,9 +1514,9 @@ def train_face_worker(data_dir, out_dir, backend='gloo', num_classes=20,
     losses = train_on_parts(net, head, batches, [rank], world_size, lr)
     seconds = time.time() - tic
     os.makedirs(out_dir, exist_ok=True)
-    torch.save({'net': net.module.state_dict(),
-                'head': head.module.state_dict()},
-               os.path.join(out_dir, f'rank{rank}.pt'))
+    save_tensors({'net': net.module.state_dict(),
+                  'head': head.module.state_dict()},
+                 os.path.join(out_dir, f'rank{rank}.pt'))
     with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
         json.dump({'rank': rank, 'world_size': world_size,
                    'losses': losses, 'seconds': seconds}, f)
@@ -1543,7 +1593,7 @@ def sharded_loss_worker(out_dir, num_classes=1000, embedding_size=64,
     X = X[mine].clone().requires_grad_()
     loss = loss_fn(X, y[mine])
     loss.sum().backward()
-    torch.save({'loss': loss.detach(), 'grad_x': X.grad,
-                'grad_w': weight.grad, 'start': start},
-               os.path.join(out_dir, f'rank{rank}.pt'))
+    save_tensors({'loss': loss.detach(), 'grad_x': X.grad,
+                  'grad_w': weight.grad, 'start': start},
+                 os.path.join(out_dir, f'rank{rank}.pt'))
     dist.barrier()  # the ranks end together, as in train_face_worker

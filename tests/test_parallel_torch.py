@@ -187,7 +187,7 @@ def test_sharded_loss_across_processes_equals_one_process(
             f'{str(tmp_path)!r}, {num_classes}, {dim}, {batch}, {margin!r}, '
             f'seed=5)')
     launched(code, world_size)
-    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True)
+    ranks = [d2lf.load_tensors(tmp_path / f'rank{r}.pt')
              for r in range(world_size)]
     ranges = d2lf.split_classes(num_classes, world_size)
     assert [r['start'] for r in ranks] == [start for start, _ in ranges]
@@ -214,8 +214,8 @@ def test_two_ranks_train_like_one_process(tiny_data_dir, tmp_path):
     records = [json.load(open(os.path.join(out_dir, f'rank{r}.json')))
                for r in range(2)]
     assert [(r['rank'], r['world_size']) for r in records] == [(0, 2), (1, 2)]
-    states = [torch.load(os.path.join(out_dir, f'rank{r}.pt'),
-                         weights_only=True) for r in range(2)]
+    states = [d2lf.load_tensors(os.path.join(out_dir, f'rank{r}.pt'))
+              for r in range(2)]
 
     # The same training in this process (one thread: as fast as a rank).
     net, head = (m.double() for m in d2lf.init_face_model(4, 0.125, seed=0))

@@ -372,6 +372,17 @@ def test_embed_face_matches_embed_pairs_and_checks_shape():
         d2lf.embed_face(net, face[:, :, 0])
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'float64', 'bool', 'int64'])
+def test_embed_face_refuses_what_is_not_uint8(dtype):
+    # Once cast: 0.5 became 0, 300 became 44 and NaN some byte.
+    images, _ = synthetic_pairs()
+    face = images[0, 3].transpose(1, 2, 0).astype(dtype)
+    if dtype.startswith('float'):
+        face[0, 0, 0] = onp.nan
+    with pytest.raises(ValueError, match=r'uint8 RGB image .*not ' + dtype):
+        d2lf.embed_face(tiny_net(), face, devices=[npx.cpu()])
+
+
 def test_evaluate_verification_keys_and_ranges():
     images, issame = synthetic_pairs(num_pairs=40)
     result = d2lf.evaluate_verification(tiny_net(), (images, issame),
