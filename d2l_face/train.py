@@ -37,6 +37,7 @@ import copy
 import ctypes
 import datetime
 import hashlib
+import io
 import json
 import math
 import os
@@ -153,7 +154,8 @@ def parse_config(argv=None):
 
 def die_with_parent():
     """Ask Linux to kill this rank when its launcher dies (even by SIGKILL)."""
-    if sys.platform.startswith('linux') and 'TORCHELASTIC_RUN_ID' in os.environ:
+    under_torchrun = 'TORCHELASTIC_RUN_ID' in os.environ
+    if sys.platform.startswith('linux') and under_torchrun:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PDEATHSIG
         if os.getppid() == 1:  # the launcher died before we asked
             os._exit(1)
@@ -491,11 +493,13 @@ def evaluate(net, cfg, device):
     folders = [cfg['data']] + cfg['val_dirs']
     if not d2lf.find_bin_sets(folders):
         return {}
-    net = float32_copy(net)
-    with torch.no_grad():
-        return d2lf.evaluate_bin_sets(
+    net, table = float32_copy(net), io.StringIO()
+    with torch.no_grad(), contextlib.redirect_stdout(table):
+        results = d2lf.evaluate_bin_sets(
             lambda images: d2lf.embed_pairs(net, images, 256, [device]),
             folders)
+    tqdm.tqdm.write(table.getvalue().rstrip())  # above the progress bar
+    return results
 
 
 def save_model(net, out, image_size):
@@ -506,6 +510,30 @@ def save_model(net, out, image_size):
     d2lf.export_onnx(net, os.path.join(out, 'model.onnx'), image_size)
 
 
+def log_line(step, num_steps, since, trainer, world_size):
+    """Rank 0 prints the mean loss and the speed since the last line."""
+    dist.all_reduce(since)  # the seconds summed over the ranks, too
+    if dist.get_rank() == 0:
+        tqdm.tqdm.write(
+            f'step {step}/{num_steps}: loss {since[0] / since[1]:.3f}, lr '
+            f'{trainer.scheduler.get_last_lr()[0]:.4f}, '
+            f'{since[1] / since[2] * world_size:.1f} images/s')
+    since.zero_()
+
+
+def resume(trainer, folder, rank, world_size):
+    """Load the newest whole checkpoint, if any: the steps it had done."""
+    state = load_checkpoint(folder, rank, world_size)
+    if state is None:
+        return 0
+    trainer.load_state_dict(state['trainer'])
+    set_rng_states(state['rng'])
+    print(f'rank {rank}: resuming after step {state["step"]} (epoch '
+          f'{state["sampler"]["epoch"]}, position '
+          f'{state["sampler"]["position"]})', file=sys.stderr)
+    return state['step']
+
+
 def train(cfg):
     """Train as configured, in this process as one rank of the job."""
     rank, world_size, device = start_group(cfg)
@@ -514,36 +542,25 @@ def train(cfg):
     batches = GlobalBatches(len(reader.pack), cfg['batch_per_device'],
                             world_size * cfg['micro_batches'], cfg['seed'])
     folder = os.path.join(cfg['out'], CHECKPOINTS)
-    state, first, kept = load_checkpoint(folder, rank, world_size), 0, []
-    if state is not None:
-        trainer.load_state_dict(state['trainer'])
-        set_rng_states(state['rng'])
-        first = state['step']
-        kept.append(first)
-        print(f'rank {rank}: resuming after step {first} '
-              f'(epoch {state["sampler"]["epoch"]}, position '
-              f'{state["sampler"]["position"]})', file=sys.stderr)
-    mine = range(rank * cfg['micro_batches'], (rank + 1) * cfg['micro_batches'])
+    first = resume(trainer, folder, rank, world_size)
+    kept = [first] if first else []  # the steps of our checkpoint files
+    per_rank = cfg['micro_batches']  # parts of each global batch
+    mine = range(rank * per_rank, (rank + 1) * per_rank)
     parts = reader.parts(batches, range(first, cfg['num_steps']), mine)
     bar = tqdm.tqdm(total=cfg['num_steps'], initial=first, disable=rank != 0,
                     unit='step', file=sys.stderr)
-    tic, seen, loss_sum = time.time(), 0, torch.zeros(2, dtype=torch.float64)
+    # Since the last line: loss sum, examples, seconds in training steps
+    # (waiting for data included; checkpoints and evaluation not).
+    since = torch.zeros(3, dtype=torch.float64)
     for step in range(first + 1, cfg['num_steps'] + 1):
         stall('step', step)
-        loss_sum += torch.tensor([trainer.step(
-            step - 1, [next(parts) for _ in mine]), trainer.global_batch
-            / world_size])
-        seen += trainer.global_batch
+        started = time.time()
+        loss = trainer.step(step - 1, [next(parts) for _ in mine])
+        since += torch.tensor([loss, trainer.global_batch / world_size,
+                               time.time() - started])
         bar.update()
         if step % cfg['log_every'] == 0 or step == cfg['num_steps']:
-            dist.all_reduce(loss_sum)
-            speed = seen / (time.time() - tic)
-            if rank == 0:
-                bar.write(f'step {step}/{cfg["num_steps"]}: loss '
-                          f'{loss_sum[0] / loss_sum[1]:.3f}, lr '
-                          f'{trainer.scheduler.get_last_lr()[0]:.4f}, '
-                          f'{speed:.1f} images/s')
-            loss_sum.zero_()
+            log_line(step, cfg['num_steps'], since, trainer, world_size)
         if step % cfg['checkpoint_every'] == 0 or step == cfg['num_steps']:
             save_checkpoint(folder, step, {
                 'step': step, 'trainer': trainer.state_dict(),
