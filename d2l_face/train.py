@@ -113,8 +113,8 @@ def check_config(config, preset):
     if cfg['sample_rate'] > 1:
         raise ConfigError(f'sample_rate must be at most 1, not '
                           f'{cfg["sample_rate"]!r}')
-    if cfg['margin'] != 'softmax' and cfg['s'] > 1e4:
-        raise ConfigError(f's must be at most 1e4, not {cfg["s"]!r}')
+    if cfg['dropout'] >= 1:
+        raise ConfigError(f'dropout must be below 1, not {cfg["dropout"]!r}')
     for key in ('data', 'out'):
         if not cfg[key]:
             raise ConfigError(f'{key} is required (--{key} DIR)')
@@ -126,6 +126,13 @@ def check_config(config, preset):
     return cfg
 
 
+def parse_bool(text):
+    """A flag's true or false."""
+    if text.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'not true or false: {text!r}')
+    return text.lower() in ('true', '1')
+
+
 def parse_config(argv=None):
     """Preset, then the --config JSON file, then flags; checked."""
     parser = argparse.ArgumentParser(
@@ -133,8 +140,8 @@ def parse_config(argv=None):
     parser.add_argument('--preset', choices=sorted(PRESETS), default='cpu')
     parser.add_argument('--config', help='JSON file of configuration values')
     for key, default in PRESETS['cpu'].items():
-        kind = {bool: json.loads, list: lambda s: s.split(',') if s else [],
-                str: str}.get(type(default), json.loads)
+        kind = {bool: parse_bool, list: lambda s: s.split(',') if s else []
+                }.get(type(default), type(default))
         parser.add_argument('--' + key.replace('_', '-'), dest=key,
                             type=kind, default=argparse.SUPPRESS,
                             help=f'default (cpu): {default!r}')

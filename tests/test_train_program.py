@@ -182,7 +182,9 @@ def test_nothing_outlives_a_killed_torchrun(data_dir, tmp_path):
 
 @pytest.mark.parametrize('args, message', [
     (['--lr', '-1'], 'lr must be positive'),
-    (['--num-steps', '2.5'], 'num_steps must be int'),
+    (['--num-steps', '2.5'], "--num-steps: invalid int value: '2.5'"),
+    (['--s', 'nan'], 's must be a finite number'),
+    (['--dropout', '1'], 'dropout must be below 1'),
     (['--margin', 'bogus'], 'margin must be one of'),
     (['--sample-rate', '1.5'], 'sample_rate must be at most 1'),
     (['--val-dirs', '/nonexistent'], '/nonexistent: not a folder'),
