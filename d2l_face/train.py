@@ -160,7 +160,11 @@ def parse_config(argv=None):
 
 
 def die_with_parent():
-    """Ask Linux to kill this rank when its launcher dies (even by SIGKILL)."""
+    """Ask Linux to kill this rank when its launcher dies (even by SIGKILL).
+
+    torchrun starts each rank in a session of its own and stops them when
+    it exits normally; killed, it stops nothing, and a rank waiting in a
+    collective operation would wait for `dist_timeout` seconds."""
     under_torchrun = 'TORCHELASTIC_RUN_ID' in os.environ
     if sys.platform.startswith('linux') and under_torchrun:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PDEATHSIG
