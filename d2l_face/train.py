@@ -12,7 +12,8 @@ The ideas, each in a function or two below:
 
 * A configuration starts from a preset (the chapter's ``CPU_CONFIG`` or
   ``GPU_CONFIG``), then a JSON file, then flags; every value is checked
-  before the process group, the data or the model are touched.
+  before the process group, the data or the model are touched
+  (``train_config.py``).
 * Under ``torchrun`` each process is a rank: the backbone is data parallel
   (DDP), the class weight is sharded over the ranks and the softmax is
   computed with the chapter's ``dist_sharded_softmax_loss``. Each rank may
@@ -31,7 +32,6 @@ The ideas, each in a function or two below:
   A run started again loads the newest checkpoint whose files all match,
   so ``torchrun --max-restarts`` replaces a dead rank and goes on.
 """
-import argparse
 import contextlib
 import copy
 import ctypes
@@ -54,109 +54,13 @@ from torch.distributed import nn as dist_nn
 
 from d2l_face import temps
 from d2l_face import torch as d2lf
+from d2l_face.train_config import ConfigError, parse_config
 
-# The chapter's configurations, and what only the program needs.
-PROGRAM_DEFAULTS = dict(
-    data='', out='', val_dirs=[], seed=0, micro_batches=1, sample_rate=1.0,
-    checkpoint_every=100, log_every=10, dropout=0.0, fp16=False,
-    dtype='float32', dist_timeout=600, loader_threads=0)
-PRESETS = {'cpu': dict(d2lf.CPU_CONFIG, **PROGRAM_DEFAULTS),
-           'gpu': dict(d2lf.GPU_CONFIG, **dict(PROGRAM_DEFAULTS, fp16=True))}
-# Keys that must be > 0, >= 0, or a choice.
-POSITIVE = {'width', 'embedding_size', 'batch_per_device', 'num_steps',
-            'eval_every', 'lr', 's', 'micro_batches', 'sample_rate',
-            'checkpoint_every', 'log_every', 'dist_timeout'}
-NON_NEGATIVE = {'warmup_steps', 'wd', 'momentum', 'dropout', 'seed',
-                'loader_threads'}
-CHOICES = {'depth': sorted(d2lf.FACE_RESNET_UNITS),
-           'margin': sorted(d2lf.MARGIN_SETTINGS),
-           'dtype': ['float32', 'float64']}
 CHECKPOINTS, MANIFEST, KEPT = 'checkpoints', 'latest.json', 2
-# Test hook: "step:K", "checkpoint:K" or "rank1@step:K" stops the rank there
-# (once per output folder) so that a test can kill it at a known point.
+# Test hook: "step:K", "checkpoint:K" or "rank1@step:K" stops the rank there,
+# once: it writes its pid to $D2L_FACE_TRAIN_STALL_DIR/stalled-rank<r> and
+# sleeps, so that a test can kill it at a known point.
 STALL_VAR = 'D2L_FACE_TRAIN_STALL'
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot be trained with."""
-
-
-def check_value(key, value, default):
-    """`value` of `key`, of the preset's type; ConfigError if unusable."""
-    kind = type(default)
-    if kind is float and type(value) is int:
-        value = float(value)
-    if type(value) is not kind:
-        raise ConfigError(f'{key} must be {kind.__name__}, not {value!r}')
-    if kind is list and not all(isinstance(v, str) for v in value):
-        raise ConfigError(f'{key} must be a list of folder names')
-    if kind is float and not math.isfinite(value):
-        raise ConfigError(f'{key} must be a finite number, not {value!r}')
-    if key in POSITIVE and not value > 0:
-        raise ConfigError(f'{key} must be positive, not {value!r}')
-    if key in NON_NEGATIVE and not value >= 0:
-        raise ConfigError(f'{key} must not be negative, not {value!r}')
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f'{key} must be one of {CHOICES[key]}, not '
-                          f'{value!r}')
-    return value
-
-
-def check_config(config, preset):
-    """The checked configuration: preset values replaced by `config`'s."""
-    unknown = sorted(set(config) - set(preset))
-    if unknown:
-        raise ConfigError(f'unknown key {unknown[0]!r} (known: '
-                          f'{", ".join(sorted(preset))})')
-    cfg = {key: check_value(key, config.get(key, default), default)
-           for key, default in preset.items()}
-    if cfg['sample_rate'] > 1:
-        raise ConfigError(f'sample_rate must be at most 1, not '
-                          f'{cfg["sample_rate"]!r}')
-    if cfg['dropout'] >= 1:
-        raise ConfigError(f'dropout must be below 1, not {cfg["dropout"]!r}')
-    for key in ('data', 'out'):
-        if not cfg[key]:
-            raise ConfigError(f'{key} is required (--{key} DIR)')
-    for folder in [cfg['data']] + cfg['val_dirs']:
-        if not os.path.isdir(folder):
-            raise ConfigError(f'{folder}: not a folder')
-    if cfg['fp16'] and not torch.cuda.is_available():
-        raise ConfigError('fp16 needs CUDA GPUs; this machine has none')
-    return cfg
-
-
-def parse_bool(text):
-    """A flag's true or false."""
-    if text.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(f'not true or false: {text!r}')
-    return text.lower() in ('true', '1')
-
-
-def parse_config(argv=None):
-    """Preset, then the --config JSON file, then flags; checked."""
-    parser = argparse.ArgumentParser(
-        prog='python -m d2l_face.train', description=__doc__.split('\n')[0])
-    parser.add_argument('--preset', choices=sorted(PRESETS), default='cpu')
-    parser.add_argument('--config', help='JSON file of configuration values')
-    for key, default in PRESETS['cpu'].items():
-        kind = {bool: parse_bool, list: lambda s: s.split(',') if s else []
-                }.get(type(default), type(default))
-        parser.add_argument('--' + key.replace('_', '-'), dest=key,
-                            type=kind, default=argparse.SUPPRESS,
-                            help=f'default (cpu): {default!r}')
-    args = vars(parser.parse_args(argv))
-    preset, file = PRESETS[args.pop('preset')], args.pop('config')
-    config = {}
-    try:
-        if file:
-            with open(file) as f:
-                config = json.load(f)
-            if not isinstance(config, dict):
-                raise ConfigError(f'{file}: must hold a JSON object')
-        return check_config({**config, **args}, preset)
-    except (ConfigError, OSError, json.JSONDecodeError) as e:
-        parser.error(str(e))  # exits with status 2
 
 
 def die_with_parent():
@@ -484,11 +388,11 @@ def stall(where, step):
     who, _, point = spec.rpartition('@')
     if point != f'{where}:{step}' or who not in ('', f'rank{rank}'):
         return
-    marker = os.path.join(os.environ['D2L_FACE_TRAIN_STALL_DIR'],
+    marker = os.path.join(os.environ.get(STALL_VAR + '_DIR', '.'),
                           f'stalled-rank{rank}')
     if os.path.exists(marker):
         return
-    with open(marker, 'w') as f:
+    with temps.writing(marker, 'w') as f:  # the pid whole, for the test
         f.write(str(os.getpid()))
     while True:
         time.sleep(1)

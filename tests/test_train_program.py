@@ -22,7 +22,7 @@ import torch
 from conftest import REPO, packless_copy
 from d2l_face import temps
 from d2l_face import torch as d2lf
-from d2l_face import train
+from d2l_face import train, train_config
 
 NUM_STEPS, EVERY = 6, 2
 ARGS = ['--num-steps', str(NUM_STEPS), '--checkpoint-every', str(EVERY),
@@ -192,7 +192,8 @@ def test_nothing_outlives_a_killed_torchrun(data_dir, tmp_path):
 def test_bad_flag_is_named(data_dir, tmp_path, capsys, args, message):
     out = tmp_path / 'out'
     with pytest.raises(SystemExit) as error:
-        train.parse_config(['--data', data_dir, '--out', str(out), *args])
+        train_config.parse_config(['--data', data_dir, '--out', str(out),
+                                   *args])
     assert error.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
@@ -209,8 +210,9 @@ def test_bad_config_file_is_named(data_dir, tmp_path, capsys, text, message):
     config = tmp_path / 'config.json'
     config.write_text(text)
     with pytest.raises(SystemExit):
-        train.parse_config(['--data', data_dir, '--out', str(tmp_path / 'o'),
-                            '--config', str(config)])
+        train_config.parse_config(['--data', data_dir, '--out',
+                                   str(tmp_path / 'o'), '--config',
+                                   str(config)])
     assert message in capsys.readouterr().err
 
 
