@@ -15,12 +15,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import psutil
 import pytest
 import torch
 
 from conftest import REPO, packless_copy
-from d2l_face import temps
+from d2l_face import onnxrun, temps
 from d2l_face import torch as d2lf
 from d2l_face import train, train_config
 
@@ -117,9 +118,20 @@ def references(data_dir, tmp_path_factory):
 
 
 def test_two_ranks_equal_one_process(references):
-    out = references['two']
-    assert (out / 'model.pt').exists() and (out / 'model.onnx').exists()
-    assert_same(final_params(out, 2), final_params(references['one'], 1))
+    assert_same(final_params(references['two'], 2),
+                final_params(references['one'], 1))
+
+
+def test_model_files_embed_alike(references):
+    net = d2lf.face_resnet(18, 0.125, 32)
+    net.load_state_dict(torch.load(references['two'] / 'model.pt',
+                                   weights_only=True))
+    onnx_model = onnxrun.EmbeddingModel(str(references['two'] / 'model.onnx'))
+    faces = np.random.default_rng(0).integers(0, 256, (2, 3, 112, 112),
+                                              dtype=np.uint8)
+    with torch.no_grad():
+        expected = net.eval()(torch.from_numpy(faces).float() / 255).numpy()
+    assert np.allclose(onnx_model.embed(faces), expected, atol=1e-4)
 
 
 def test_sigkill_at_random_step_then_resume(data_dir, references, tmp_path):
