@@ -107,19 +107,32 @@ def assert_same(a, b, tol=1e-5):
         assert torch.allclose(a[name], b[name], rtol=0, atol=tol), name
 
 
+SAMPLED = ['--sample-rate', '0.5']  # partial FC: half of each shard
+
+
 @pytest.fixture(scope='module')
 def references(data_dir, tmp_path_factory):
-    """Uninterrupted runs: 2 ranks, and 1 process of 2 micro-batches."""
+    """Uninterrupted runs: 2 ranks (all classes, or half of them sampled),
+    and 1 process of 2 micro-batches."""
     root = tmp_path_factory.mktemp('train_ref')
-    two, one = root / 'two', root / 'one'
-    run(command(data_dir, two, ranks=2), two)
-    run(command(data_dir, one, ['--micro-batches', '2']), one)
-    return {'two': two, 'one': one}
+    outs = {name: root / name for name in ('two', 'two sampled', 'one')}
+    run(command(data_dir, outs['two'], ranks=2), outs['two'])
+    run(command(data_dir, outs['two sampled'], SAMPLED, ranks=2),
+        outs['two sampled'])
+    run(command(data_dir, outs['one'], ['--micro-batches', '2']), outs['one'])
+    return outs
 
 
 def test_two_ranks_equal_one_process(references):
     assert_same(final_params(references['two'], 2),
                 final_params(references['one'], 1))
+
+
+def test_partial_fc_trains_otherwise(references):
+    sampled = final_params(references['two sampled'], 2)['class weight']
+    full = final_params(references['two'], 2)['class weight']
+    assert torch.isfinite(sampled).all()
+    assert not torch.allclose(sampled, full, rtol=0, atol=1e-5)
 
 
 def test_model_files_embed_alike(references):
@@ -170,14 +183,16 @@ def test_damaged_checkpoint_is_skipped(data_dir, references, tmp_path):
 
 
 def test_max_restarts_replaces_a_killed_rank(data_dir, references, tmp_path):
+    # With partial FC, whose samples must come out the same after a restart.
     step = random.Random(SEED + 1).randint(EVERY + 1, NUM_STEPS)
-    proc = start(command(data_dir, tmp_path, ranks=2,
+    proc = start(command(data_dir, tmp_path, SAMPLED, ranks=2,
                          launcher_args=['--max-restarts=1']), tmp_path,
                  stall=f'rank1@step:{step}')
     os.kill(wait_for_stall(tmp_path, rank=1), signal.SIGKILL)
     output = finish(proc)  # the same command goes on to the end
     assert 'resuming after step' in output
-    assert_same(final_params(tmp_path, 2), final_params(references['two'], 2))
+    assert_same(final_params(tmp_path, 2),
+                final_params(references['two sampled'], 2))
 
 
 def test_nothing_outlives_a_killed_torchrun(data_dir, tmp_path):
