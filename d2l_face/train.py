@@ -172,14 +172,15 @@ def sample_classes(labels, num_classes, rate, generator):
     owned = (labels >= 0) & (labels < num_classes)
     if rate >= 1:
         return None, torch.where(owned, labels, -1)
-    score = torch.rand(num_classes, generator=generator)
+    device, labels, owned = labels.device, labels.cpu(), owned.cpu()
+    score = torch.rand(num_classes, generator=generator)  # on the CPU
     score[labels[owned]] = 2.0  # the positives first
     k = max(math.ceil(rate * num_classes), int((score > 1).sum()))
     rows = torch.topk(score, k).indices.sort().values
     position = torch.full((num_classes,), -1, dtype=torch.long)
     position[rows] = torch.arange(k)
-    return rows, torch.where(owned, position[torch.where(owned, labels, 0)],
-                             -1)
+    labels = torch.where(owned, position[torch.where(owned, labels, 0)], -1)
+    return rows.to(device), labels.to(device)
 
 
 def margin_logits(weight, embeddings, labels, s, m1, m2, m3, eps=1e-7):
@@ -200,6 +201,14 @@ def margin_logits(weight, embeddings, labels, s, m1, m2, m3, eps=1e-7):
 def gather(x, world_size):
     """All ranks' x, concatenated (differentiable)."""
     return x if world_size == 1 else torch.cat(dist_nn.all_gather(x))
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    """All-reduce a small CPU tensor (NCCL reduces only GPU tensors)."""
+    on_gpu = dist.get_backend() == 'nccl'
+    result = tensor.cuda() if on_gpu else tensor.clone()
+    dist.all_reduce(result, op=op)
+    return result.cpu()
 
 
 def part_loss(shard, embeddings, y, cfg, world_size, generator):
@@ -373,8 +382,7 @@ def load_checkpoint(folder, rank, world_size):
                               f'ranks; this job has {world_size}')
         path = os.path.join(folder, checkpoint_name(step, rank, world_size))
         whole = torch.tensor(int(file_digest(path) == digests[rank]))
-        dist.all_reduce(whole, op=dist.ReduceOp.MIN)
-        if whole:
+        if all_reduce(whole, dist.ReduceOp.MIN):
             return torch.load(path, map_location='cpu', weights_only=False)
         print(f'rank {rank}: checkpoint of step {step} is damaged; '
               f'trying the one before', file=sys.stderr)
@@ -427,12 +435,12 @@ def save_model(net, out, image_size):
 
 def log_line(step, num_steps, since, trainer, world_size):
     """Rank 0 prints the mean loss and the speed since the last line."""
-    dist.all_reduce(since)  # the seconds summed over the ranks, too
+    total = all_reduce(since)  # the seconds summed over the ranks, too
     if dist.get_rank() == 0:
         tqdm.tqdm.write(
-            f'step {step}/{num_steps}: loss {since[0] / since[1]:.3f}, lr '
+            f'step {step}/{num_steps}: loss {total[0] / total[1]:.3f}, lr '
             f'{trainer.scheduler.get_last_lr()[0]:.4f}, '
-            f'{since[1] / since[2] * world_size:.1f} images/s')
+            f'{total[1] / total[2] * world_size:.1f} images/s')
     since.zero_()
 
 
