@@ -6,7 +6,6 @@ stand-in, in float64 with a narrow network, six steps of a global batch of
 with the program's test hook (D2L_FACE_TRAIN_STALL) and then killed with a
 real SIGKILL, so what is killed when is fixed, not left to timing.
 """
-import json
 import os
 import random
 import shutil
@@ -49,12 +48,27 @@ def command(data_dir, out, extra=(), ranks=1, launcher_args=()):
             '--monitor-interval=0.1', *launcher_args, *program]
 
 
+STARTED = []  # the runs of the test under way
+
+
+@pytest.fixture(autouse=True)
+def end_runs():
+    """Kill what a failed test left running (ranks die with torchrun)."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def start(cmd, out, stall=''):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1',
                D2L_FACE_TRAIN_STALL=stall, D2L_FACE_TRAIN_STALL_DIR=str(out))
     os.makedirs(out, exist_ok=True)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    STARTED.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True))
+    return STARTED[-1]
 
 
 def finish(proc):
