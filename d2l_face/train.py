@@ -56,6 +56,7 @@ from d2l_face import temps
 from d2l_face import torch as d2lf
 from d2l_face.train_config import ConfigError, parse_config
 
+# KEPT: how many checkpoints stay listed (at least 2: one to fall back on).
 CHECKPOINTS, MANIFEST, KEPT = 'checkpoints', 'latest.json', 2
 # Test hook: "step:K", "checkpoint:K" or "rank1@step:K" stops the rank there,
 # once: it writes its pid to $D2L_FACE_TRAIN_STALL_DIR/stalled-rank<r> and
@@ -350,10 +351,11 @@ def save_checkpoint(folder, step, state, rank, world_size, kept):
     dist.all_gather_object(digests, writer.sha.hexdigest())
     kept.append(step)
     if rank == 0:
+        # A checkpoint after this step is one a restarted run left behind.
+        earlier = [c for c in read_manifest(folder) if c[0] < step]
+        listed = earlier[-(KEPT - 1):] + [(step, digests)]
         manifest = {'world_size': world_size, 'checkpoints': [
-            {'step': s, 'digests': digests if s == step else old}
-            for s, old in [c for c in read_manifest(folder) if c[0] < step]
-            [-KEPT + 1:] + [(step, None)]]}
+            {'step': s, 'digests': d} for s, d in listed]}
         with temps.writing(os.path.join(folder, MANIFEST), 'w') as f:
             json.dump(manifest, f)
     dist.barrier()  # the manifest names the new files: the old ones can go
