@@ -14,7 +14,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ['bench_loader.py', 'bench_align.py', 'bench_verification.py',
-           'bench_training.py']
+           'bench_training.py', 'bench_train_program.py']
 
 
 def run(script, extra_args):
