@@ -58,6 +58,8 @@ from d2l_face.train_config import ConfigError, parse_config
 
 # KEPT: how many checkpoints stay listed (at least 2: one to fall back on).
 CHECKPOINTS, MANIFEST, KEPT = 'checkpoints', 'latest.json', 2
+# A rank's checkpoint is read whole into memory: this much at most.
+CHECKPOINT_MAX_BYTES = 16 << 30
 # Test hook: "step:K", "checkpoint:K" or "rank1@step:K" stops the rank there,
 # once: it writes its pid to $D2L_FACE_TRAIN_STALL_DIR/stalled-rank<r> and
 # sleeps, so that a test can kill it at a known point.
@@ -297,14 +299,20 @@ class Trainer:
 
 
 def rng_states():
-    return {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
+    """The random states, as tensors and numbers: loaded without pickle."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {'torch': torch.get_rng_state(),
+            'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                      has_gauss, gauss],
             'cuda': (torch.cuda.get_rng_state_all()
                      if torch.cuda.is_available() else None)}
 
 
 def set_rng_states(states):
     torch.set_rng_state(states['torch'])
-    np.random.set_state(states['numpy'])
+    kind, keys, pos, has_gauss, gauss = states['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos,
+                         has_gauss, gauss))
     if states['cuda'] is not None:
         torch.cuda.set_rng_state_all(states['cuda'])
 
@@ -385,7 +393,8 @@ def load_checkpoint(folder, rank, world_size):
         path = os.path.join(folder, checkpoint_name(step, rank, world_size))
         whole = torch.tensor(int(file_digest(path) == digests[rank]))
         if all_reduce(whole, dist.ReduceOp.MIN):
-            return torch.load(path, map_location='cpu', weights_only=False)
+            # Tensors, numbers and strings only: no code runs (load_tensors).
+            return d2lf.load_tensors(path, max_bytes=CHECKPOINT_MAX_BYTES)
         print(f'rank {rank}: checkpoint of step {step} is damaged; '
               f'trying the one before', file=sys.stderr)
     return None
