@@ -9,6 +9,7 @@ cells read the same in both tabs.
 """
 import collections
 import concurrent.futures
+import datetime
 import io
 import json
 import math
@@ -1441,13 +1442,16 @@ def train_on_parts(net, head, batches, parts, num_parts, lr=0.05):
         losses.append(float(loss))
     return losses
 
+DIST_TIMEOUT = datetime.timedelta(minutes=5)  # for joining and collectives
+
 def train_face_worker(data_dir, out_dir, backend='gloo', num_classes=20,
                       batch_size=8, num_steps=10, lr=0.05, width=0.125,
                       seed=0, dtype='float32'):
     """Defined in :numref:`sec_facerecognition_parallel`"""
     """In a job that torchrun started: train a small face net data
     parallel, `batch_size` images per rank; save losses and model."""
-    dist.init_process_group(backend)  # reads MASTER_ADDR, RANK, ...
+    # reads MASTER_ADDR, RANK, ...
+    dist.init_process_group(backend, timeout=DIST_TIMEOUT)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = (torch.device('cuda', int(os.environ['LOCAL_RANK']))
               if backend == 'nccl' else torch.device('cpu'))
@@ -1525,7 +1529,7 @@ def sharded_loss_worker(out_dir, num_classes=1000, embedding_size=64,
     """Defined in :numref:`sec_facerecognition_parallel`"""
     """In a job that torchrun started: the sharded loss of a random problem
     and its gradients; each rank saves its examples' and its shard's."""
-    dist.init_process_group('gloo')
+    dist.init_process_group('gloo', timeout=DIST_TIMEOUT)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     X, y, W = random_margin_problem(num_classes, embedding_size,
                                     batch_size * world_size, seed)
