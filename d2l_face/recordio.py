@@ -376,6 +376,8 @@ class PackReader:
             self._check_identities(extra, parsed, n, header)
         self.keys = keys[rows]
         self.labels = self._image_labels(rows, parsed, n)
+        if num_ids:
+            self._check_identity_ranges(extra, parsed, n)
         self._begin, self._end = parsed['begin'][:n], parsed['end'][:n]
         self._joined = {i: parsed['joined'][i]
                         for i in parsed['joined'] if i < n}
@@ -455,6 +457,46 @@ class PackReader:
                                int(self._offsets[row]),
                                f'identity record without a (first, end) '
                                f'range of image keys in 1..{first - 1}')
+
+    def _check_identity_ranges(self, rows, parsed, n):
+        """Refuse identity ranges that overlap, leave gaps, or disagree with
+        the labels: in order, they cover images 1..n once, each holds one
+        label, and the labels increase, as InsightFace's RecBuilder writes
+        them (its sampler draws an identity's images from its range)."""
+        ids = slice(n, n + len(rows))  # after them: the header record
+        first = parsed['label0'][ids].astype(np.int64)
+        end = parsed['label1'][ids].astype(np.int64)
+        stops = np.concatenate([[1], end[:-1]])  # where each should start
+        for j in np.flatnonzero(first != stops).tolist():
+            problem = ('overlaps the one before' if first[j] < stops[j] else
+                       f'leaves images {stops[j]}..{first[j] - 1} out')
+            self._bad_identity(rows, j, n, first[j], end[j], problem)
+        if end[-1] != n + 1:
+            self._bad_identity(rows, len(end) - 1, n, first[-1], end[-1],
+                               f'is the last, yet images {end[-1]}..{n} '
+                               f'follow it')
+        owner = np.repeat(np.arange(len(first)), end - first)
+        mixed = np.flatnonzero((owner[1:] == owner[:-1]) &
+                               (self.labels[1:] != self.labels[:-1]))
+        if len(mixed):
+            j, k = int(owner[mixed[0]]), int(mixed[0]) + 1
+            self._bad_identity(rows, j, n, first[j], end[j],
+                               f'holds images of labels {self.labels[k - 1]} '
+                               f'and {self.labels[k]}')
+        own = self.labels[first[first < end] - 1]
+        if np.any(own[1:] <= own[:-1]):
+            j = int(np.flatnonzero(first < end)[
+                np.flatnonzero(own[1:] <= own[:-1])[0] + 1])
+            self._bad_identity(rows, j, n, first[j], end[j],
+                               f'holds label {self.labels[first[j] - 1]}, '
+                               f'not above the label of the one before')
+
+    def _bad_identity(self, rows, j, n, first, end, problem):
+        row = rows[j]
+        raise _damaged(self.rec_path, int(self._keys[row]),
+                       int(self._offsets[row]),
+                       f'identity record {j} (images {first}..{end - 1} of '
+                       f'1..{n}) {problem}')
 
     # -- records -----------------------------------------------------------
 
