@@ -693,6 +693,16 @@ MARGIN_SETTINGS = {  # (m1, m2, m3)
     'cosface': (1.0, 0.0, 0.35), 'arcface': (1.0, 0.5, 0.0),
     'combined': (1.0, 0.3, 0.2)}
 
+def check_margin(s, m1, m2, m3):
+    """Refuse a scale or margins that make the logits infinite or NaN.
+
+    Defined in :numref:`sec_facerecognition_arcface`"""
+    if not (math.isfinite(s) and s > 0 and math.isfinite(m1) and m1 > 0
+            and 0 <= m2 < math.pi and math.isfinite(m3)):
+        raise ValueError(f'need a finite s > 0, a finite m1 > 0, '
+                         f'0 <= m2 < pi and a finite m3, not s={s}, m1={m1}, '
+                         f'm2={m2}, m3={m3}')
+
 class MarginLogits(nn.Module):
     """Scaled cosine logits with an angular margin on the target class.
 
@@ -700,9 +710,7 @@ class MarginLogits(nn.Module):
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.0,
                  m3=0.0, eps=1e-7):
         super().__init__()
-        if not s > 0 or not m1 > 0 or not 0 <= m2 < math.pi:
-            raise ValueError(f'need s > 0, m1 > 0 and 0 <= m2 < pi, not '
-                             f's={s}, m1={m1}, m2={m2}')
+        check_margin(s, m1, m2, m3)
         self.num_classes, self.eps = num_classes, eps
         self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
         self.weight = nn.Parameter(
@@ -1013,11 +1021,24 @@ class TrainingBoard:
         display.display(self.fig)
         d2l.plt.close(self.fig)
 
+MIN_BATCH_PER_DEVICE = 2  # batch statistics need two values per feature
+
+def check_batch_size(batch_size, num_devices):
+    """Refuse a batch that leaves a device fewer than two images.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    if batch_size < MIN_BATCH_PER_DEVICE * num_devices:
+        raise ValueError(
+            f'a training batch of {batch_size} images on {num_devices} '
+            f'device(s): batch normalization needs at least '
+            f'{MIN_BATCH_PER_DEVICE} images per device')
+
 def train_face_step(net, margin, loss, optimizer, X, y, devices,
                     batch_size=None, scaler=None):
     """One SGD step on a batch, on all devices: (loss sum, # correct).
 
     Defined in :numref:`sec_facerecognition_training`"""
+    check_batch_size(X.shape[0], len(devices))
     X, y = X.to(devices[0]), y.to(devices[0])
     # With a GradScaler the network runs in float16 where that is safe; the
     # margin layer and the loss always run in float32.
@@ -1038,6 +1059,17 @@ def train_face_step(net, margin, loss, optimizer, X, y, devices,
     correct = (logits.argmax(dim=1) == y).sum()
     return float(losses.sum()), float(correct)
 
+def check_sgd_settings(lr, wd, momentum):
+    """Refuse a learning rate, weight decay or momentum SGD cannot use.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    for name, value, low in [('lr', lr, 'positive'), ('wd', wd, 'non-negative'),
+                             ('momentum', momentum, 'non-negative')]:
+        ok = value > 0 if low == 'positive' else value >= 0
+        if not (ok and math.isfinite(value)):
+            raise ValueError(f'{name} must be a finite, {low} number, not '
+                             f'{value!r}')
+
 def warmup_cosine(update, num_steps, warmup_steps=0):
     """Learning-rate factor of update 1, 2, ...: linear warm-up, cosine.
 
@@ -1053,6 +1085,7 @@ def facerec_trainer(net, margin, num_steps, lr, wd=5e-4, momentum=0.9,
     """SGD with momentum and weight decay, its learning rate on a cosine.
 
     Defined in :numref:`sec_facerecognition_training`"""
+    check_sgd_settings(lr, wd, momentum)
     params = [p for block in (net, margin) for p in block.parameters()
               if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr, momentum=momentum,
@@ -1105,6 +1138,22 @@ def facerec_batches(train_iter, num_steps):
                              f'batch, after step {step}: '
                              f'{describe_batches(train_iter)}')
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss became infinite or NaN.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+
+def record_step(metric, step, loss_sum, correct, batch_size):
+    """Add a step's loss and accuracy to `metric`; stop if it diverged.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    if not math.isfinite(loss_sum):
+        raise TrainingDiverged(
+            f'training diverged at step {step}: the mean loss of its batch '
+            f'is {loss_sum / batch_size}; try a smaller learning rate, a '
+            f'longer warm-up or a smaller scale s')
+    metric.add(loss_sum, correct, batch_size)
+
 def training_status(step, num_steps, history, images_per_sec):
     """One line: the step, the latest value of each curve, the speed.
 
@@ -1144,9 +1193,10 @@ def train_facerec(net, margin, train_iter, verification_sets, num_steps, lr,
     timer, seen = d2l.Timer(), 0  # seen: images trained on, for the speed
     for step, (X, y) in enumerate(facerec_batches(train_iter, num_steps), 1):
         timer.start()
-        metric.add(*train_face_step(model, margin, loss, optimizer, X, y,
-                                    devices, scaler=scaler), X.shape[0])
+        loss_sum, correct = train_face_step(model, margin, loss, optimizer, X,
+                                            y, devices, scaler=scaler)
         timer.stop()
+        record_step(metric, step, loss_sum, correct, X.shape[0])
         seen, values = seen + X.shape[0], {}
         if step % log_every == 0 or step == num_steps:
             values['train loss'] = metric[0] / metric[2]

@@ -710,3 +710,60 @@ def test_cpu_config_builds_what_the_section_trains():
     net.initialize(init.Xavier())
     X = np.zeros((2, 3, 112, 112))
     assert net(X).shape == (2, config['embedding_size'])
+
+
+# --------------------------------------------- divergence and bad settings
+
+def small_batches(batch_size=4, num_batches=2):
+    """Two small batches of tiny_dataset's images: quick steps."""
+    X, y = tiny_dataset()[0]
+    return [(X[i:i + batch_size], y[i:i + batch_size])
+            for i in range(0, batch_size * num_batches, batch_size)]
+
+
+@pytest.mark.parametrize('change', ['lr=1e8', 'm3=nan'])
+def test_divergence_stops_at_the_first_non_finite_loss(change):
+    net, margin = tiny_face_net_and_margin()
+    lr = 1e8 if change == 'lr=1e8' else 0.05
+    if change == 'm3=nan':
+        margin.m3 = float('nan')  # set after the layer checked it
+    history = []
+    with pytest.raises(d2lf.TrainingDiverged,
+                       match=r'diverged at step \d+: the mean loss of its '
+                             r'batch is (nan|inf)'):
+        history = d2lf.train_facerec(net, margin, small_batches(), {},
+                                     num_steps=20, lr=lr, log_every=1,
+                                     devices=[npx.cpu()], plot=False)
+    assert history == []
+    assert issubclass(d2lf.TrainingDiverged, FloatingPointError)
+
+
+@pytest.mark.parametrize('name,value', [
+    ('lr', float('nan')), ('lr', 0.0), ('lr', -0.1), ('lr', float('inf')),
+    ('wd', -1e-4), ('momentum', float('nan'))])
+def test_sgd_settings_are_checked_before_the_first_step(name, value):
+    net, margin = tiny_face_net_and_margin()
+    settings = dict(lr=0.05, wd=5e-4, momentum=0.9)
+    settings[name] = value
+    with pytest.raises(ValueError, match=f'{name} must be a finite'):
+        d2lf.train_facerec(net, margin, small_batches(), {}, num_steps=2,
+                           devices=[npx.cpu()], plot=False, **settings)
+
+
+@pytest.mark.parametrize('margin', [
+    dict(s=float('inf')), dict(s=float('nan')), dict(m1=float('inf')),
+    dict(m2=float('nan')), dict(m3=float('nan')), dict(m3=float('-inf'))])
+def test_margin_layers_refuse_scales_and_margins_that_are_not_finite(margin):
+    with pytest.raises(ValueError, match='need a finite s > 0'):
+        d2lf.MarginLogits(4, 16, **margin)
+    with pytest.raises(ValueError, match='need a finite s > 0'):
+        d2lf.ShardedMarginLoss(4, 16, [npx.cpu(0), npx.cpu(1)], **margin)
+
+
+def test_a_batch_of_one_names_the_batch_norm_limit():
+    net, margin = tiny_face_net_and_margin()
+    with pytest.raises(ValueError, match='batch of 1 images on 1 device.*'
+                                         'at least 2 images per device'):
+        d2lf.train_facerec(net, margin, small_batches(batch_size=1), {},
+                           num_steps=2, lr=0.05, devices=[npx.cpu()],
+                           plot=False)
