@@ -6,10 +6,13 @@ import numpy as onp
 
 
 @contextlib.contextmanager
-def deadline(seconds):
-    """Fail with TimeoutError when the block runs longer than `seconds`."""
+def deadline(seconds, error=TimeoutError):
+    """Fail with `error` when the block runs longer than `seconds`.
+
+    Code that turns any OSError into its own error would catch a
+    TimeoutError: give it an `error` that is no Exception."""
     def expire(signum, frame):
-        raise TimeoutError(f'still running after {seconds} s')
+        raise error(f'still running after {seconds} s')
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:

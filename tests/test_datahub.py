@@ -223,8 +223,12 @@ class _ShortResponse:
     def raise_for_status(self):
         pass
 
-    def iter_content(self, chunk_size):
-        yield b'12345'
+    def __init__(self):
+        self.raw = self  # download reads the body with raw.read1
+        self.body = [b'12345']
+
+    def read1(self, size, decode_content=True):
+        return self.body.pop() if self.body else b''
 
 
 def test_length_backstop(monkeypatch, tmp_path):
