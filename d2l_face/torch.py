@@ -553,6 +553,8 @@ def load_mtcnn(folder=None):
         nets.append(net.eval())
     return nets
 
+MAX_PHOTO_PIXELS = 5000 * 5000  # MTCNN would take more than a gigabyte
+
 def check_photo(image):
     """Return `image` if it is an RGB uint8 photo (h, w, 3), else raise.
 
@@ -564,7 +566,24 @@ def check_photo(image):
                          f'{shape}')
     if image.dtype != onp.uint8:
         raise ValueError(f'expected a uint8 photo (0..255), not {image.dtype}')
+    if image.shape[0] * image.shape[1] > MAX_PHOTO_PIXELS:
+        raise ValueError(f'a photo of {image.shape[1]}x{image.shape[0]} '
+                         f'pixels, more than MAX_PHOTO_PIXELS '
+                         f'({MAX_PHOTO_PIXELS}); scale it down first')
     return image
+
+def check_detector(nets, min_face_size):
+    """Refuse a face size below P-Net's window, and nets other than three.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    if isinstance(min_face_size, bool) or not isinstance(
+            min_face_size, (int, onp.integer)) or min_face_size < 12:
+        raise ValueError(f'min_face_size must be an integer of at least 12 '
+                         f'(P-Net\'s window), not {min_face_size!r}')
+    if nets is not None and (not isinstance(nets, (list, tuple))
+                             or len(nets) != 3):
+        raise ValueError(f'nets must be the three networks P-Net, R-Net '
+                         f'and O-Net that load_mtcnn returns, not {nets!r}')
 
 def detect_faces(image, nets=None, min_face_size=20):
     """Faces in an RGB photo: [(box, score, landmarks)], best score first.
@@ -573,10 +592,7 @@ def detect_faces(image, nets=None, min_face_size=20):
     import torch
     from facenet_pytorch.models.utils.detect_face import detect_face
     check_photo(image)
-    if isinstance(min_face_size, bool) or not isinstance(
-            min_face_size, (int, onp.integer)) or min_face_size < 12:
-        raise ValueError(f'min_face_size must be an integer of at least 12 '
-                         f'(P-Net\'s window), not {min_face_size!r}')
+    check_detector(nets, min_face_size)
     if min(image.shape[:2]) < min_face_size:
         return []  # and MTCNN's image pyramid would be empty
     nets = load_mtcnn() if nets is None else nets
