@@ -230,10 +230,7 @@ class FaceRecordIter:
         if image_size is None and len(self.pack):
             image_size = formats.jpeg_size(self.pack.jpeg(0))
         self.image_size = tuple(image_size or (0, 0))
-        self.num_classes = num_classes or self.pack.num_classes
-        if len(self.pack) and self.pack.labels.max() >= self.num_classes:
-            raise ValueError(f'{prefix}.rec: label {self.pack.labels.max()} '
-                             f'but only {self.num_classes} classes')
+        self.num_classes = recordio.check_num_classes(self.pack, num_classes)
         self.num_threads = num_threads or os.cpu_count() or 1
         self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads)
         self._buffers = []  # [batch array, its user]

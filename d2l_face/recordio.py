@@ -382,6 +382,7 @@ class PackReader:
         self._joined = {i: parsed['joined'][i]
                         for i in parsed['joined'] if i < n}
         self.num_classes = max(int(self.labels.max()) + 1 if n else 0, num_ids)
+        self.num_identity_records = num_ids
         self._check_jpegs(offsets[rows], image_size)
 
     def _check_whole(self, rows, stops):
@@ -721,6 +722,31 @@ class PackReader:
     def __repr__(self):
         return (f'PackReader({self.prefix!r}: {len(self)} images, '
                 f'{self.num_classes} classes, {self.layout} layout)')
+
+
+def check_num_classes(pack, num_classes=None):
+    """Return the class count of `pack`, refusing a `num_classes` (from
+    ``property``, say) that disagrees with it or exceeds ``MAX_CLASSES``.
+
+    A pack's count is one more than its largest label, or, in InsightFace's
+    layout, its number of identity records if that is more. The class count
+    sizes the classification layer: a count the pack does not bear out
+    would allocate memory for identities that do not exist."""
+    if num_classes is None:
+        num_classes = pack.num_classes
+    if isinstance(num_classes, bool) or not isinstance(
+            num_classes, (int, np.integer)) or num_classes < 1 \
+            or num_classes > formats.MAX_CLASSES:
+        raise ValueError(f'{pack.rec_path}: the class count must be an '
+                         f'integer in 1..{formats.MAX_CLASSES} (MAX_CLASSES), '
+                         f'not {num_classes!r}')
+    if num_classes != pack.num_classes:
+        labels = (f'labels up to {int(pack.labels.max())}' if len(pack)
+                  else 'no images')
+        raise ValueError(f'{pack.rec_path}: {num_classes} classes claimed, '
+                         f'but the pack holds {pack.num_classes} ({labels}, '
+                         f'{pack.num_identity_records} identity records)')
+    return int(num_classes)
 
 
 def _is_range(first, end, low, high):
