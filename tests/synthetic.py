@@ -5,6 +5,12 @@ import signal
 import numpy as onp
 
 
+# What "raises at once" allows before a test calls it a hang: generous, so
+# that a loaded machine (two workers on shared cores) never trips it, and
+# still far below the minutes a loop that never ends would take.
+HANG = 60
+
+
 @contextlib.contextmanager
 def deadline(seconds, error=TimeoutError):
     """Fail with `error` when the block runs longer than `seconds`.

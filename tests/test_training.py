@@ -9,7 +9,7 @@ from mxnet import gluon, init, np, npx
 from mxnet.gluon import nn
 
 from d2l_face import mxnet as d2lf
-from synthetic import deadline, synthetic_pairs, tiny_class_images
+from synthetic import HANG, deadline, synthetic_pairs, tiny_class_images
 
 npx.set_np()
 
@@ -610,7 +610,7 @@ def test_fewer_images_than_a_batch_raise_at_once(standin_root, plot):
     train_iter, verification_sets = d2lf.load_data_facerec(
         data_dir, ['lfw_small'], batch_size=num_images + 1)
     net, margin = tiny_face_net_and_margin(NUM_CLASSES)
-    with deadline(1), pytest.raises(
+    with deadline(HANG), pytest.raises(
             ValueError, match=f'no batch: {num_images} images in batches '
                               f'of {num_images + 1}'):
         d2lf.train_facerec(net, margin, train_iter, verification_sets,
@@ -626,14 +626,14 @@ def test_step_counts_below_one_raise_at_once(name, value):
     net, margin = tiny_face_net_and_margin()
     counts = dict(num_steps=4, eval_every=2, log_every=2)
     counts[name] = value
-    with deadline(1), pytest.raises(ValueError, match=f'{name} must be'):
+    with deadline(HANG), pytest.raises(ValueError, match=f'{name} must be'):
         d2lf.train_facerec(net, margin, tiny_dataset(), {}, lr=0.1,
                            devices=[npx.cpu()], plot=False, **counts)
 
 
 def test_an_empty_list_of_batches_raises_at_once():
     net, margin = tiny_face_net_and_margin()
-    with deadline(1), pytest.raises(ValueError, match='list of length 0'):
+    with deadline(HANG), pytest.raises(ValueError, match='list of length 0'):
         d2lf.train_facerec(net, margin, [], {}, num_steps=3, lr=0.1,
                            devices=[npx.cpu()], plot=False)
 
