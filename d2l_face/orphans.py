@@ -49,9 +49,13 @@ def _prctl(option, value):
 
 
 def _children_map():
-    """{parent pid: [child pids]} of every process, read from /proc."""
+    """{parent pid: [child pids]} of every process, read from /proc.
+
+    Empty without /proc (not Linux): there is no subreaper there either, and
+    the launcher's process groups are all that ends."""
     children = {}
-    for name in os.listdir('/proc'):
+    names = os.listdir('/proc') if os.path.isdir('/proc') else []
+    for name in names:
         if not name.isdigit():
             continue
         try:
