@@ -146,9 +146,10 @@ class _Job:
         if awaited:
             self.awaited.append(len(self.procs))
         proc = subprocess.Popen(
-            orphans.reaper_command(self.python, [self.python, *args]), env=dict(self.env, **env),
-            stdin=subprocess.DEVNULL, stdout=self.logs[-1],
-            stderr=subprocess.STDOUT, start_new_session=True)
+            orphans.reaper_command(self.python, [self.python, *args]),
+            env=dict(self.env, **env), stdin=subprocess.DEVNULL,
+            stdout=self.logs[-1], stderr=subprocess.STDOUT,
+            start_new_session=True)
         self.procs.append(proc)
         os.write(self.watch, b'%d\n' % proc.pid)  # its process group id
 

@@ -295,8 +295,8 @@ def test_worker_data_splits_the_first_classes_among_ranks(tiny_data_dir):
 @pytest.mark.parametrize('kvstore', [None, 'local'])
 def test_a_worker_without_one_batch_says_so_at_once(tiny_data_dir, tmp_path,
                                                     kvstore):
-    with deadline(HANG), pytest.raises(ValueError,
-                                       match=r'has 24 images .* batch size 64'):
+    with deadline(HANG), pytest.raises(
+            ValueError, match=r'has 24 images .* batch size 64'):
         if kvstore is None:
             d2lf.worker_dataset(tiny_data_dir, 4, 64, rank=0, num_workers=1)
         else:
