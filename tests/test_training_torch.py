@@ -184,7 +184,10 @@ def test_step_reduces_the_loss_on_a_tiny_batch():
                                               optimizer, X, y, CPU)
         assert isinstance(total, float) and 0 <= correct <= 16
         losses.append(total / 16)
-    assert losses[-1] < 0.5 * losses[0]
+    # Eight steps on one batch go up and down on the way: over seeds 0-12
+    # (one thread) and 0-9 (two), the last loss was 0.02 to 0.73 of the
+    # first (seed 0: 0.09), and in a quarter of them above half of it.
+    assert losses[-1] < 0.9 * losses[0]
 
 
 def test_step_batch_size_divides_the_gradient():
@@ -258,14 +261,19 @@ def test_fp16_without_a_gpu_is_refused():
 # ----------------------------------------------------------- training loop
 
 def test_training_smoke_loss_decreases():
-    """Without a warm-up the first steps are erratic; 32 show the trend."""
+    """32 steps after a warm-up of 8 steps. Without the warm-up the first
+    steps are erratic: with one thread, as `make test` runs, seed 0's last
+    logged loss was 0.50 of its first and its accuracy did not grow. With
+    it, the last loss was at most 0.18 of the first over seeds 0-19 with one
+    thread, and at most 0.23 over seeds 0-6 with two."""
     torch.manual_seed(0)
     train_iter = tiny_dataset()
     net, margin = tiny_face_net_and_margin()
     images, issame = synthetic_pairs(num_pairs=40, size=112)
     history = d2lf.train_facerec(
         net, margin, train_iter, {'tiny': (images, issame)}, num_steps=32,
-        lr=0.05, eval_every=16, log_every=8, devices=CPU, plot=False)
+        lr=0.05, warmup_steps=8, eval_every=16, log_every=8, devices=CPU,
+        plot=False)
     losses = [loss for _, loss in history['train loss']]
     assert len(losses) == 4 and len(history['tiny']) == 2
     assert losses[-1] < 0.5 * losses[0]
