@@ -407,6 +407,10 @@ def tiny_dataset(num_classes=4, per_class=16, batch_size=16, seed=0):
 
 
 def test_training_smoke_loss_decreases():
+    """32 steps after a warm-up of 8, as in the PyTorch tab's test. With 16
+    steps and no warm-up, seeds 0-2 (one thread) ended at 0.22, 0.63 and
+    0.38 of the first loss, seed 2 at a lower accuracy than it began; with
+    them, seeds 0-5 ended at 0.04 of it at most, their accuracy grown."""
     npx.random.seed(0)
     onp.random.seed(0)
     train_iter = tiny_dataset()
@@ -417,13 +421,14 @@ def test_training_smoke_loss_decreases():
     margin.initialize()
     images, issame = synthetic_pairs(num_pairs=40, size=112)
     history = d2lf.train_facerec(
-        net, margin, train_iter, {'tiny': (images, issame)}, num_steps=16,
-        lr=0.05, eval_every=8, log_every=4, devices=[npx.cpu()], plot=False)
+        net, margin, train_iter, {'tiny': (images, issame)}, num_steps=32,
+        lr=0.05, warmup_steps=8, eval_every=16, log_every=8,
+        devices=[npx.cpu()], plot=False)
     losses = [loss for _, loss in history['train loss']]
     assert len(losses) == 4 and len(history['tiny']) == 2
     assert losses[-1] < 0.5 * losses[0]
     assert history['train acc'][-1][1] > history['train acc'][0][1]
-    assert history['train loss'][-1][0] == pytest.approx(16 / len(train_iter))
+    assert history['train loss'][-1][0] == pytest.approx(32 / len(train_iter))
 
 
 def test_training_step_on_two_devices_keeps_copies_equal():
