@@ -409,8 +409,10 @@ def tiny_dataset(num_classes=4, per_class=16, batch_size=16, seed=0):
 def test_training_smoke_loss_decreases():
     """32 steps after a warm-up of 8, as in the PyTorch tab's test. With 16
     steps and no warm-up, seeds 0-2 (one thread) ended at 0.22, 0.63 and
-    0.38 of the first loss, seed 2 at a lower accuracy than it began; with
-    them, seeds 0-5 ended at 0.04 of it at most, their accuracy grown."""
+    0.38 of the first loss, seed 2 at a lower accuracy than it began. With
+    them, over seeds 0-19 the median was 0.01 and seed 0 ends at 0.001,
+    but seed 14 jumped to 3.3 times its first loss and ended at 1.6 times:
+    this claim holds for seed 0 by far, not for every seed."""
     npx.random.seed(0)
     onp.random.seed(0)
     train_iter = tiny_dataset()
