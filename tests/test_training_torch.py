@@ -265,7 +265,7 @@ def test_training_smoke_loss_decreases():
     steps are erratic: with one thread, as `make test` runs, seed 0's last
     logged loss was 0.50 of its first and its accuracy did not grow. With
     it, the last loss was at most 0.18 of the first over seeds 0-19 with one
-    thread, and at most 0.23 over seeds 0-6 with two."""
+    thread, and at most 0.23 over seeds 0-19 with two."""
     torch.manual_seed(0)
     train_iter = tiny_dataset()
     net, margin = tiny_face_net_and_margin()
