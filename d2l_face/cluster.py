@@ -17,16 +17,19 @@ It imports no deep learning framework: the scheduler and the servers run
 ``python -c "import mxnet"`` (importing MXNet with ``DMLC_ROLE`` set starts
 the role), and the workers run whatever arguments the caller gives.
 
-Nothing orphaned (POSIX only): each child starts a session of its own, so that
-``os.killpg`` ends it together with anything it started. A small watchdog
+Nothing orphaned (POSIX only): each child starts a session of its own, under
+a reaper (`d2l_face.orphans`): a subreaper that, when the child ends in any
+way or the reaper gets SIGTERM, kills every process the child started, in
+sessions of their own too, which are re-parented to it. A small watchdog
 process holds the read end of a pipe whose only write end the caller keeps.
-The caller tells the watchdog the process group of each child it starts;
-when the caller ends the job normally it says ``done``. If the caller dies
-in any way, SIGKILL included, the kernel closes the write end, the watchdog
-reads the end of the file without ``done`` and kills those groups. (A
-``preexec_fn`` that sets Linux's ``PR_SET_PDEATHSIG`` was not used: it is
-not safe in a process with threads, such as a Jupyter kernel, it fires when
-the *thread* that started the child ends, and it does not reach
+The caller tells the watchdog the pid (and process group) of each reaper it
+starts; when the caller ends the job normally it says ``done``. If the
+caller dies in any way, SIGKILL included, the kernel closes the write end,
+the watchdog reads the end of the file without ``done``, asks the reapers to
+stop, and kills their groups if they have not within `STOP_GRACE`
+seconds. (A ``preexec_fn`` that sets Linux's ``PR_SET_PDEATHSIG`` was not
+used: it is not safe in a process with threads, such as a Jupyter kernel, it
+fires when the *thread* that started the child ends, and it does not reach
 grandchildren. A process that the caller forks without exec, with
 ``multiprocessing``'s fork method say, inherits the write end too, and
 delays the watchdog until it ends.)
@@ -39,12 +42,17 @@ import sys
 import tempfile
 import time
 
+from d2l_face import orphans
+
 LOOPBACK = '127.0.0.1'
 SERVER_ARGS = ('-c', 'import mxnet')  # the scheduler and the servers
+# Seconds a reaper has to end its processes after it is asked to stop.
+STOP_GRACE = 2 * orphans.KILL_DEADLINE
 
-# Runs in its own process: argv[1] is the read end of the caller's pipe.
+# Runs in its own process: argv[1] is the read end of the caller's pipe,
+# argv[2] the seconds the reapers get to stop before their groups are killed.
 WATCHDOG = r'''
-import os, signal, sys
+import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 fd, data = int(sys.argv[1]), b''
 while True:
@@ -54,10 +62,23 @@ while True:
     data += chunk
 lines = data.split()
 if b'done' not in lines:
-    for group in lines:
+    groups = [int(g) for g in lines if g.isdigit()]
+    for group in groups:  # each reaper ends what its process started
         try:
-            os.killpg(int(group), signal.SIGKILL)
-        except (OSError, ValueError):
+            os.kill(group, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + float(sys.argv[2])
+    for group in groups:
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(group, 0)
+            except OSError:
+                break
+            time.sleep(0.05)
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except OSError:
             pass
 '''
 
@@ -107,8 +128,9 @@ class _Job:
         read_end, self.watch = os.pipe()  # neither end is inherited
         try:
             self.watchdog = subprocess.Popen(
-                [python, '-c', WATCHDOG, str(read_end)], pass_fds=[read_end],
-                start_new_session=True, stdin=subprocess.DEVNULL)
+                [python, '-c', WATCHDOG, str(read_end), str(STOP_GRACE)],
+                pass_fds=[read_end], start_new_session=True,
+                stdin=subprocess.DEVNULL)
         except BaseException:
             os.close(self.watch)
             raise
@@ -116,16 +138,18 @@ class _Job:
             os.close(read_end)
 
     def start(self, role, args, env, awaited):
-        """Start `python *args` with `env` added; `awaited`: a worker."""
+        """Start `python *args` (under a reaper) with `env` added;
+        `awaited`: a worker."""
         # A file, not a pipe: a full pipe that nobody reads blocks the child.
         self.logs.append(tempfile.TemporaryFile())
         self.roles.append(role)
         if awaited:
             self.awaited.append(len(self.procs))
         proc = subprocess.Popen(
-            [self.python] + list(args), env=dict(self.env, **env),
-            stdin=subprocess.DEVNULL, stdout=self.logs[-1],
-            stderr=subprocess.STDOUT, start_new_session=True)
+            orphans.reaper_command(self.python, [self.python, *args]),
+            env=dict(self.env, **env), stdin=subprocess.DEVNULL,
+            stdout=self.logs[-1], stderr=subprocess.STDOUT,
+            start_new_session=True)
         self.procs.append(proc)
         os.write(self.watch, b'%d\n' % proc.pid)  # its process group id
 
@@ -150,20 +174,26 @@ class _Job:
         return [self.output(i) for i in workers]
 
     def end(self, grace):
-        """Give the processes `grace` seconds to stop, then kill them all."""
+        """Give the processes `grace` seconds to stop, then end them all."""
         deadline = time.monotonic() + grace
         for proc in self.procs:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for proc in self.procs:
+        for proc in self.procs:  # each reaper ends what its child started
             if proc.poll() is None:
-                try:  # the child's group: the child and what it started
+                proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:  # a reaper stuck: its group, at least, ends
                     os.killpg(proc.pid, signal.SIGKILL)
                 except OSError:
                     proc.kill()
-            proc.wait()
+                proc.wait()
         try:  # nothing is left for the watchdog to do
             os.write(self.watch, b'done\n')
         except OSError:  # it is gone already

@@ -4,7 +4,10 @@
   length the server announced, stops a body that grows past ``max_bytes`` (by
   default most of the free disk space), checks the SHA-1 *after* the transfer,
   and only then renames the file into place: an interrupted or corrupted
-  download never sits under the final name.
+  download never sits under the final name. A transfer that runs past
+  ``DOWNLOAD_DEADLINE`` seconds, or whose average rate stays below
+  ``MIN_RATE`` after the first ``RATE_GRACE`` seconds, is stopped: a server
+  that sends a byte now and then is never silent long enough for a timeout.
 * ``extract`` reads every member name of a zip or tar archive before writing a
   byte and refuses absolute paths, ``..``, drive letters and backslashes, links
   that leave the target folder (or pass through another link), device or FIFO
@@ -48,6 +51,7 @@ import zipfile
 from urllib.parse import unquote, urlsplit
 
 import requests
+import urllib3
 
 from d2l_face import formats, temps
 
@@ -59,6 +63,13 @@ __all__ = [
 ]
 
 STANDIN_HINT = 'set D2L_FACE_SOURCE=standin to use the generated stand-in data'
+
+# ``timeout`` bounds each wait for data, not a whole transfer. A download ends
+# within DOWNLOAD_DEADLINE seconds, and after RATE_GRACE seconds it must have
+# averaged MIN_RATE bytes a second (a 100 MB archive in under 3 hours).
+DOWNLOAD_DEADLINE = 4 * 3600
+MIN_RATE = 10_000
+RATE_GRACE = 30
 
 
 class DataError(Exception):
@@ -216,9 +227,45 @@ def _announced_length(resp, url):
     return int(raw)
 
 
-def _fetch(url, tmp, timeout, chunk_size, name, limit):
-    """Stream ``url`` into the open file ``tmp``; return the SHA-1 (hex) of what was written."""
-    sha1, done = hashlib.sha1(), 0
+def _chunks(resp, chunk_size):
+    """Yield the body as it arrives, each read returning what is there.
+
+    Unlike ``iter_content``, which waits until `chunk_size` bytes are in,
+    so that the caller can look at its clock while data trickles in. The
+    errors are those ``iter_content`` raises."""
+    while True:
+        try:
+            chunk = resp.raw.read1(chunk_size, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError as e:
+            raise requests.exceptions.ReadTimeout(e) from e
+        except urllib3.exceptions.ProtocolError as e:
+            raise requests.exceptions.ChunkedEncodingError(e) from e
+        except urllib3.exceptions.DecodeError as e:
+            raise requests.exceptions.ContentDecodingError(e) from e
+        if not chunk:
+            return
+        yield chunk
+
+
+def _check_pace(url, done, start, deadline, min_rate, rate_grace):
+    """Refuse a transfer past its deadline, or too slow after its grace."""
+    elapsed = time.monotonic() - start
+    if elapsed > deadline:
+        raise DownloadError(f'{url}: not done after {deadline} s ({done} '
+                            f'bytes received); stopped and discarded. Try '
+                            f'again later, or {STANDIN_HINT}')
+    if elapsed > rate_grace and done < min_rate * elapsed:
+        raise DownloadError(f'{url}: {done} bytes in {elapsed:.1f} s, below '
+                            f'the minimum average of {min_rate} bytes a '
+                            f'second; stopped and discarded. Try again later, '
+                            f'or {STANDIN_HINT}')
+
+
+def _fetch(url, tmp, timeout, chunk_size, name, limit, pace):
+    """Stream ``url`` into the open file ``tmp``; return the SHA-1 (hex) of what was written.
+
+    ``pace``: (deadline, min_rate, rate_grace), as ``_check_pace`` takes them."""
+    sha1, done, start = hashlib.sha1(), 0, time.monotonic()
     # Ask for the bytes as stored, so Content-Length counts what we write.
     with requests.get(url, stream=True, timeout=timeout,
                       headers={'Accept-Encoding': 'identity'}) as resp:
@@ -229,11 +276,12 @@ def _fetch(url, tmp, timeout, chunk_size, name, limit):
                                 f'{limit} allowed here; nothing was kept')
         progress = _Progress(name, total or 0)
         try:
-            for chunk in resp.iter_content(chunk_size):
+            for chunk in _chunks(resp, chunk_size):
                 done += len(chunk)
                 if done > limit:  # a body that never ends must not fill the disk
                     raise DownloadError(f'{url} sent more than the {limit} bytes '
                                         f'allowed here; stopped and discarded')
+                _check_pace(url, done, start, *pace)
                 tmp.write(chunk)
                 sha1.update(chunk)
                 progress.update(done)
@@ -251,20 +299,35 @@ def _default_limit(folder):
     return free - min(free // 10, 1 << 30)
 
 
+def _pace(deadline, min_rate, rate_grace):
+    """The limits of a transfer, the module's where None; checked."""
+    pace = (DOWNLOAD_DEADLINE if deadline is None else deadline,
+            MIN_RATE if min_rate is None else min_rate,
+            RATE_GRACE if rate_grace is None else rate_grace)
+    if not (pace[0] > 0 and pace[1] >= 0 and pace[2] >= 0):
+        raise ValueError(f'need deadline > 0, min_rate >= 0 and rate_grace '
+                         f'>= 0, not {pace}')
+    return pace
+
+
 def download(url, folder, sha1_hash=None, timeout=30, chunk_size=1 << 20,
-             max_bytes=None):
+             max_bytes=None, deadline=None, min_rate=None, rate_grace=None):
     """Download ``url`` into ``folder`` and return the path of the file.
 
     The file is named after the URL's last path component. If it already exists
     and matches ``sha1_hash``, it is returned without any network access; with no
     hash there is nothing to trust it by, so it is fetched again. ``timeout``
     bounds connecting and each wait for data, not the whole transfer;
-    ``max_bytes`` bounds the body (by default: the free disk space less a
-    reserve). Raises ``DownloadError`` for HTTP errors, network failures, bad or
-    unmet ``Content-Length``, oversized bodies, checksum mismatches and local
-    I/O errors; the final name is only ever written by a complete, verified
-    download.
+    ``deadline`` (seconds) bounds the whole body's transfer, and after
+    ``rate_grace`` seconds its average rate must be at least ``min_rate``
+    bytes a second (None: ``DOWNLOAD_DEADLINE``, ``MIN_RATE`` and
+    ``RATE_GRACE``); ``max_bytes`` bounds the body (by default: the free disk
+    space less a reserve). Raises ``DownloadError`` for HTTP errors, network
+    failures, bad or unmet ``Content-Length``, oversized bodies, transfers
+    too slow or too long, checksum mismatches and local I/O errors; the final
+    name is only ever written by a complete, verified download.
     """
+    pace = _pace(deadline, min_rate, rate_grace)
     name = _file_name(url)
     folder = os.fspath(folder)
     path = os.path.join(folder, name)
@@ -278,7 +341,7 @@ def download(url, folder, sha1_hash=None, timeout=30, chunk_size=1 << 20,
         limit = _default_limit(folder) if max_bytes is None else max_bytes
         tmp_path, tmp = _create_temp_file(folder)
         with tmp:
-            actual = _fetch(url, tmp, timeout, chunk_size, name, limit)
+            actual = _fetch(url, tmp, timeout, chunk_size, name, limit, pace)
         if expected and actual != expected:
             raise DownloadError(f'SHA-1 mismatch for {url}: expected {expected}, '
                                 f'got {actual}; the file was discarded. Try again, '

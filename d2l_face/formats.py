@@ -40,6 +40,10 @@ MAX_JPEG_HEADER_BYTES = 2 << 20
 MAX_JPEG_SEGMENTS = 1024
 # A face crop file is a few KB; a whole photo a few MB.
 MAX_IMAGE_BYTES = 64 << 20
+# The largest public training set, WebFace42M, has 2,059,906 identities; the
+# classification layer holds a row of weights (and momentum) per class, so a
+# count far beyond that is a damaged file, not a dataset.
+MAX_CLASSES = 2_500_000
 
 
 def identity_folder(label):
@@ -67,6 +71,9 @@ def parse_property(line, where='property'):
     if min(num_classes, height, width) < 1:
         raise ValueError(f'{where}: counts must be positive: '
                          f'{line.strip()!r}')
+    if num_classes > MAX_CLASSES:
+        raise ValueError(f'{where}: {num_classes} classes, more than '
+                         f'MAX_CLASSES ({MAX_CLASSES})')
     if height * width > MAX_CROP_PIXELS:
         raise ValueError(f'{where}: crops of {width}x{height} pixels, more '
                          f'than the {MAX_CROP_PIXELS} of a face crop')

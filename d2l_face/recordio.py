@@ -376,10 +376,13 @@ class PackReader:
             self._check_identities(extra, parsed, n, header)
         self.keys = keys[rows]
         self.labels = self._image_labels(rows, parsed, n)
+        if num_ids:
+            self._check_identity_ranges(extra, parsed, n)
         self._begin, self._end = parsed['begin'][:n], parsed['end'][:n]
         self._joined = {i: parsed['joined'][i]
                         for i in parsed['joined'] if i < n}
         self.num_classes = max(int(self.labels.max()) + 1 if n else 0, num_ids)
+        self.num_identity_records = num_ids
         self._check_jpegs(offsets[rows], image_size)
 
     def _check_whole(self, rows, stops):
@@ -455,6 +458,46 @@ class PackReader:
                                int(self._offsets[row]),
                                f'identity record without a (first, end) '
                                f'range of image keys in 1..{first - 1}')
+
+    def _check_identity_ranges(self, rows, parsed, n):
+        """Refuse identity ranges that overlap, leave gaps, or disagree with
+        the labels: in order, they cover images 1..n once, each holds one
+        label, and the labels increase, as InsightFace's RecBuilder writes
+        them (its sampler draws an identity's images from its range)."""
+        ids = slice(n, n + len(rows))  # after them: the header record
+        first = parsed['label0'][ids].astype(np.int64)
+        end = parsed['label1'][ids].astype(np.int64)
+        stops = np.concatenate([[1], end[:-1]])  # where each should start
+        for j in np.flatnonzero(first != stops).tolist():
+            problem = ('overlaps the one before' if first[j] < stops[j] else
+                       f'leaves images {stops[j]}..{first[j] - 1} out')
+            self._bad_identity(rows, j, n, first[j], end[j], problem)
+        if end[-1] != n + 1:
+            self._bad_identity(rows, len(end) - 1, n, first[-1], end[-1],
+                               f'is the last, yet images {end[-1]}..{n} '
+                               f'follow it')
+        owner = np.repeat(np.arange(len(first)), end - first)
+        mixed = np.flatnonzero((owner[1:] == owner[:-1]) &
+                               (self.labels[1:] != self.labels[:-1]))
+        if len(mixed):
+            j, k = int(owner[mixed[0]]), int(mixed[0]) + 1
+            self._bad_identity(rows, j, n, first[j], end[j],
+                               f'holds images of labels {self.labels[k - 1]} '
+                               f'and {self.labels[k]}')
+        own = self.labels[first[first < end] - 1]
+        if np.any(own[1:] <= own[:-1]):
+            j = int(np.flatnonzero(first < end)[
+                np.flatnonzero(own[1:] <= own[:-1])[0] + 1])
+            self._bad_identity(rows, j, n, first[j], end[j],
+                               f'holds label {self.labels[first[j] - 1]}, '
+                               f'not above the label of the one before')
+
+    def _bad_identity(self, rows, j, n, first, end, problem):
+        row = rows[j]
+        raise _damaged(self.rec_path, int(self._keys[row]),
+                       int(self._offsets[row]),
+                       f'identity record {j} (images {first}..{end - 1} of '
+                       f'1..{n}) {problem}')
 
     # -- records -----------------------------------------------------------
 
@@ -679,6 +722,31 @@ class PackReader:
     def __repr__(self):
         return (f'PackReader({self.prefix!r}: {len(self)} images, '
                 f'{self.num_classes} classes, {self.layout} layout)')
+
+
+def check_num_classes(pack, num_classes=None):
+    """Return the class count of `pack`, refusing a `num_classes` (from
+    ``property``, say) that disagrees with it or exceeds ``MAX_CLASSES``.
+
+    A pack's count is one more than its largest label, or, in InsightFace's
+    layout, its number of identity records if that is more. The class count
+    sizes the classification layer: a count the pack does not bear out
+    would allocate memory for identities that do not exist."""
+    if num_classes is None:
+        num_classes = pack.num_classes
+    if isinstance(num_classes, bool) or not isinstance(
+            num_classes, (int, np.integer)) or num_classes < 1 \
+            or num_classes > formats.MAX_CLASSES:
+        raise ValueError(f'{pack.rec_path}: the class count must be an '
+                         f'integer in 1..{formats.MAX_CLASSES} (MAX_CLASSES), '
+                         f'not {num_classes!r}')
+    if num_classes != pack.num_classes:
+        labels = (f'labels up to {int(pack.labels.max())}' if len(pack)
+                  else 'no images')
+        raise ValueError(f'{pack.rec_path}: {num_classes} classes claimed, '
+                         f'but the pack holds {pack.num_classes} ({labels}, '
+                         f'{pack.num_identity_records} identity records)')
+    return int(num_classes)
 
 
 def _is_range(first, end, low, high):

@@ -32,24 +32,20 @@ generate from the shell.
 """
 import argparse
 import contextlib
-import ctypes
 import functools
 import json
 import multiprocessing
-import multiprocessing.connection
 import os
 import queue as queue_module
 import shutil
-import signal
 import stat
 import sys
-import threading
 import time
 
 import cv2
 import numpy as np
 
-from d2l_face import datahub, formats, temps
+from d2l_face import datahub, formats, orphans, temps
 
 # 2: a marker inside each folder instead of one in the root; the files
 # themselves are the same as format 1's.
@@ -523,49 +519,15 @@ def _work(seed, per_class, out_dir, identities, keys):
     yield 'images', {key: image_bytes(seed, *key) for key in keys}
 
 
-# Worker processes end with their parent. Tests switch the Linux-only
-# mechanism off to check that the portable one suffices on its own.
+# Worker processes end with their parent (`orphans.die_with_parent`). Tests
+# switch the Linux-only mechanism off to check that the portable one
+# suffices on its own.
 _USE_PDEATHSIG = True
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def _die_with_parent(parent_pid, use_pdeathsig):
-    """Make this worker process end as soon as `parent_pid` ends.
-
-    Without this, a worker whose parent was killed would render on at full
-    CPU into a folder nobody collects. Linux's kernel does it for us
-    (prctl); everywhere, a thread also waits on the parent sentinel that
-    multiprocessing gives a spawned child (a pipe the parent holds open,
-    or its process handle on Windows) and polls os.getppid().
-    """
-    if use_pdeathsig and sys.platform.startswith('linux'):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        except (OSError, AttributeError):  # no prctl: the thread suffices
-            pass
-    if os.getppid() != parent_pid:  # the parent died before we got here
-        os._exit(1)
-    threading.Thread(target=_watch_parent, args=(parent_pid,),
-                     daemon=True).start()
-
-
-def _watch_parent(parent_pid):
-    parent = multiprocessing.parent_process()
-    sentinel = getattr(parent, 'sentinel', None)
-    while True:
-        if sentinel is not None:
-            if multiprocessing.connection.wait([sentinel], timeout=1):
-                os._exit(1)  # the pipe closed: the parent is gone
-        else:
-            time.sleep(1)
-        if os.getppid() != parent_pid:  # re-parented: the parent is gone
-            os._exit(1)
 
 
 def _worker_main(queue, parent_pid, use_pdeathsig, *args):
     """Body of a worker process: pass on what `_work` yields."""
-    _die_with_parent(parent_pid, use_pdeathsig)
+    orphans.die_with_parent(parent_pid, use_pdeathsig)
     cv2.setNumThreads(1)  # one process per core already keeps them busy
     try:
         for event in _work(*args):

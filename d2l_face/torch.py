@@ -9,6 +9,7 @@ cells read the same in both tabs.
 """
 import collections
 import concurrent.futures
+import datetime
 import io
 import json
 import math
@@ -29,8 +30,7 @@ from torch.nn import functional as F
 from torchvision import transforms
 
 import d2l_face
-from d2l_face import (datahub, formats, onnxrun, packs, recordio, standin,
-                      temps)
+from d2l_face import datahub, formats, onnxrun, packs, recordio, standin
 
 #################   WARNING   ################
 # The below part is generated automatically through:
@@ -235,10 +235,7 @@ class FaceRecordIter:
         if image_size is None and len(self.pack):
             image_size = formats.jpeg_size(self.pack.jpeg(0))
         self.image_size = tuple(image_size or (0, 0))
-        self.num_classes = num_classes or self.pack.num_classes
-        if len(self.pack) and self.pack.labels.max() >= self.num_classes:
-            raise ValueError(f'{prefix}.rec: label {self.pack.labels.max()} '
-                             f'but only {self.num_classes} classes')
+        self.num_classes = recordio.check_num_classes(self.pack, num_classes)
         self.num_threads = num_threads or os.cpu_count() or 1
         self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads)
         self._buffers = []  # [batch array, its user]
@@ -598,6 +595,8 @@ def load_mtcnn(folder=None):
         nets.append(net.eval())
     return nets
 
+MAX_PHOTO_PIXELS = 5000 * 5000  # MTCNN would take more than a gigabyte
+
 def check_photo(image):
     """Return `image` if it is an RGB uint8 photo (h, w, 3), else raise.
 
@@ -609,7 +608,24 @@ def check_photo(image):
                          f'{shape}')
     if image.dtype != onp.uint8:
         raise ValueError(f'expected a uint8 photo (0..255), not {image.dtype}')
+    if image.shape[0] * image.shape[1] > MAX_PHOTO_PIXELS:
+        raise ValueError(f'a photo of {image.shape[1]}x{image.shape[0]} '
+                         f'pixels, more than MAX_PHOTO_PIXELS '
+                         f'({MAX_PHOTO_PIXELS}); scale it down first')
     return image
+
+def check_detector(nets, min_face_size):
+    """Refuse a face size below P-Net's window, and nets other than three.
+
+    Defined in :numref:`subsec_facerec_insightface_packs`"""
+    if isinstance(min_face_size, bool) or not isinstance(
+            min_face_size, (int, onp.integer)) or min_face_size < 12:
+        raise ValueError(f'min_face_size must be an integer of at least 12 '
+                         f'(P-Net\'s window), not {min_face_size!r}')
+    if nets is not None and (not isinstance(nets, (list, tuple))
+                             or len(nets) != 3):
+        raise ValueError(f'nets must be the three networks P-Net, R-Net '
+                         f'and O-Net that load_mtcnn returns, not {nets!r}')
 
 def detect_faces(image, nets=None, min_face_size=20):
     """Faces in an RGB photo: [(box, score, landmarks)], best score first.
@@ -618,10 +634,7 @@ def detect_faces(image, nets=None, min_face_size=20):
     import torch
     from facenet_pytorch.models.utils.detect_face import detect_face
     check_photo(image)
-    if isinstance(min_face_size, bool) or not isinstance(
-            min_face_size, (int, onp.integer)) or min_face_size < 12:
-        raise ValueError(f'min_face_size must be an integer of at least 12 '
-                         f'(P-Net\'s window), not {min_face_size!r}')
+    check_detector(nets, min_face_size)
     if min(image.shape[:2]) < min_face_size:
         return []  # and MTCNN's image pyramid would be empty
     nets = load_mtcnn() if nets is None else nets
@@ -738,6 +751,16 @@ MARGIN_SETTINGS = {  # (m1, m2, m3)
     'cosface': (1.0, 0.0, 0.35), 'arcface': (1.0, 0.5, 0.0),
     'combined': (1.0, 0.3, 0.2)}
 
+def check_margin(s, m1, m2, m3):
+    """Refuse a scale or margins that make the logits infinite or NaN.
+
+    Defined in :numref:`sec_facerecognition_arcface`"""
+    if not (math.isfinite(s) and s > 0 and math.isfinite(m1) and m1 > 0
+            and 0 <= m2 < math.pi and math.isfinite(m3)):
+        raise ValueError(f'need a finite s > 0, a finite m1 > 0, '
+                         f'0 <= m2 < pi and a finite m3, not s={s}, m1={m1}, '
+                         f'm2={m2}, m3={m3}')
+
 class MarginLogits(nn.Module):
     """Scaled cosine logits with an angular margin on the target class.
 
@@ -745,9 +768,7 @@ class MarginLogits(nn.Module):
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.0,
                  m3=0.0, eps=1e-7):
         super().__init__()
-        if not s > 0 or not m1 > 0 or not 0 <= m2 < math.pi:
-            raise ValueError(f'need s > 0, m1 > 0 and 0 <= m2 < pi, not '
-                             f's={s}, m1={m1}, m2={m2}')
+        check_margin(s, m1, m2, m3)
         self.num_classes, self.eps = num_classes, eps
         self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
         self.weight = nn.Parameter(
@@ -1058,11 +1079,24 @@ class TrainingBoard:
         display.display(self.fig)
         d2l.plt.close(self.fig)
 
+MIN_BATCH_PER_DEVICE = 2  # batch statistics need two values per feature
+
+def check_batch_size(batch_size, num_devices):
+    """Refuse a batch that leaves a device fewer than two images.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    if batch_size < MIN_BATCH_PER_DEVICE * num_devices:
+        raise ValueError(
+            f'a training batch of {batch_size} images on {num_devices} '
+            f'device(s): batch normalization needs at least '
+            f'{MIN_BATCH_PER_DEVICE} images per device')
+
 def train_face_step(net, margin, loss, optimizer, X, y, devices,
                     batch_size=None, scaler=None):
     """One SGD step on a batch, on all devices: (loss sum, # correct).
 
     Defined in :numref:`sec_facerecognition_training`"""
+    check_batch_size(X.shape[0], len(devices))
     X, y = X.to(devices[0]), y.to(devices[0])
     # With a GradScaler the network runs in float16 where that is safe; the
     # margin layer and the loss always run in float32.
@@ -1083,6 +1117,17 @@ def train_face_step(net, margin, loss, optimizer, X, y, devices,
     correct = (logits.argmax(dim=1) == y).sum()
     return float(losses.sum()), float(correct)
 
+def check_sgd_settings(lr, wd, momentum):
+    """Refuse a learning rate, weight decay or momentum SGD cannot use.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    for name, value, low in [('lr', lr, 'positive'), ('wd', wd, 'non-negative'),
+                             ('momentum', momentum, 'non-negative')]:
+        ok = value > 0 if low == 'positive' else value >= 0
+        if not (ok and math.isfinite(value)):
+            raise ValueError(f'{name} must be a finite, {low} number, not '
+                             f'{value!r}')
+
 def warmup_cosine(update, num_steps, warmup_steps=0):
     """Learning-rate factor of update 1, 2, ...: linear warm-up, cosine.
 
@@ -1098,6 +1143,7 @@ def facerec_trainer(net, margin, num_steps, lr, wd=5e-4, momentum=0.9,
     """SGD with momentum and weight decay, its learning rate on a cosine.
 
     Defined in :numref:`sec_facerecognition_training`"""
+    check_sgd_settings(lr, wd, momentum)
     params = [p for block in (net, margin) for p in block.parameters()
               if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr, momentum=momentum,
@@ -1150,6 +1196,22 @@ def facerec_batches(train_iter, num_steps):
                              f'batch, after step {step}: '
                              f'{describe_batches(train_iter)}')
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss became infinite or NaN.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+
+def record_step(metric, step, loss_sum, correct, batch_size):
+    """Add a step's loss and accuracy to `metric`; stop if it diverged.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    if not math.isfinite(loss_sum):
+        raise TrainingDiverged(
+            f'training diverged at step {step}: the mean loss of its batch '
+            f'is {loss_sum / batch_size}; try a smaller learning rate, a '
+            f'longer warm-up or a smaller scale s')
+    metric.add(loss_sum, correct, batch_size)
+
 def training_status(step, num_steps, history, images_per_sec):
     """One line: the step, the latest value of each curve, the speed.
 
@@ -1189,9 +1251,10 @@ def train_facerec(net, margin, train_iter, verification_sets, num_steps, lr,
     timer, seen = d2l.Timer(), 0  # seen: images trained on, for the speed
     for step, (X, y) in enumerate(facerec_batches(train_iter, num_steps), 1):
         timer.start()
-        metric.add(*train_face_step(model, margin, loss, optimizer, X, y,
-                                    devices, scaler=scaler), X.shape[0])
+        loss_sum, correct = train_face_step(model, margin, loss, optimizer, X,
+                                            y, devices, scaler=scaler)
         timer.stop()
+        record_step(metric, step, loss_sum, correct, X.shape[0])
         seen, values = seen + X.shape[0], {}
         if step % log_every == 0 or step == num_steps:
             values['train loss'] = metric[0] / metric[2]
@@ -1494,6 +1557,8 @@ def train_on_parts(net, head, batches, parts, num_parts, lr=0.05):
         losses.append(float(loss))
     return losses
 
+DIST_TIMEOUT = datetime.timedelta(minutes=5)  # for joining and collectives
+
 def train_face_worker(data_dir, out_dir, backend='gloo', num_classes=20,
                       batch_size=8, num_steps=10, lr=0.05, width=0.125,
                       seed=0, dtype='float32'):
@@ -1501,7 +1566,8 @@ def train_face_worker(data_dir, out_dir, backend='gloo', num_classes=20,
 
     Defined in :numref:`sec_facerecognition_parallel`"""
     # `batch_size` images per rank; each rank saves its losses and model.
-    dist.init_process_group(backend)  # reads MASTER_ADDR, RANK, ...
+    # Reads MASTER_ADDR, RANK, ...
+    dist.init_process_group(backend, timeout=DIST_TIMEOUT)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = (torch.device('cuda', int(os.environ['LOCAL_RANK']))
               if backend == 'nccl' else torch.device('cpu'))
@@ -1581,7 +1647,7 @@ def sharded_loss_worker(out_dir, num_classes=1000, embedding_size=64,
 
     Defined in :numref:`sec_facerecognition_parallel`"""
     # In a job that torchrun started; each rank saves its own part.
-    dist.init_process_group('gloo')
+    dist.init_process_group('gloo', timeout=DIST_TIMEOUT)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     X, y, W = random_margin_problem(num_classes, embedding_size,
                                     batch_size * world_size, seed)

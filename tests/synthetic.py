@@ -5,11 +5,20 @@ import signal
 import numpy as onp
 
 
+# What "raises at once" allows before a test calls it a hang: generous, so
+# that a loaded machine (two workers on shared cores) never trips it, and
+# still far below the minutes a loop that never ends would take.
+HANG = 60
+
+
 @contextlib.contextmanager
-def deadline(seconds):
-    """Fail with TimeoutError when the block runs longer than `seconds`."""
+def deadline(seconds, error=TimeoutError):
+    """Fail with `error` when the block runs longer than `seconds`.
+
+    Code that turns any OSError into its own error would catch a
+    TimeoutError: give it an `error` that is no Exception."""
     def expire(signum, frame):
-        raise TimeoutError(f'still running after {seconds} s')
+        raise error(f'still running after {seconds} s')
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:

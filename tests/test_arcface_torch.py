@@ -209,7 +209,7 @@ def test_gradients_finite_near_0_and_pi(name, offset, sign):
 def test_margin_logits_rejects_bad_settings():
     for kwargs in [dict(s=0.0), dict(m1=0.0), dict(m2=-0.1),
                    dict(m2=math.pi)]:
-        with pytest.raises(ValueError, match='need s > 0'):
+        with pytest.raises(ValueError, match='need a finite s > 0'):
             d2lf.MarginLogits(10, 8, **kwargs)
 
 

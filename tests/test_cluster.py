@@ -122,10 +122,11 @@ def test_bad_arguments_are_refused(num_workers, num_servers, timeout):
                                      timeout=timeout)
 
 
-# A worker that starts a process of its own: the clean-up must reach it too.
+# A worker that starts a process of its own, in a session of its own (out of
+# reach of the worker's process group): the clean-up must reach it too.
 WORKER_WITH_CHILD = ('import subprocess, sys, time; subprocess.Popen('
-                     '[sys.executable, "-c", "import time; time.sleep(600)"]);'
-                     ' time.sleep(600)')
+                     '[sys.executable, "-c", "import time; time.sleep(600)"],'
+                     ' start_new_session=True); time.sleep(600)')
 PARENT = ('import sys; from d2l_face import cluster; '
           'cluster.launch_local_cluster(["-c", sys.argv[1]], num_workers=2, '
           'timeout=600, server_args=["-c", "import time; time.sleep(600)"])')
@@ -160,8 +161,9 @@ def check_all_end_with_the_parent(parent_code, num_procs, sig):
 @pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM,
                                  signal.SIGINT], ids=lambda sig: sig.name)
 def test_the_job_ends_when_its_parent_is_killed(sig):
-    # watchdog, scheduler, server, two workers and their two children
-    check_all_end_with_the_parent(PARENT, 7, sig)
+    # watchdog; scheduler, server and two workers, each under its reaper;
+    # the workers' two children
+    check_all_end_with_the_parent(PARENT, 11, sig)
 
 
 # ------------------------------------------------------ torchrun-style jobs
@@ -244,5 +246,64 @@ TORCHRUN_PARENT = ('import sys; from d2l_face import cluster; '
 @pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM,
                                  signal.SIGINT], ids=lambda sig: sig.name)
 def test_the_ranks_end_when_their_parent_is_killed(sig):
-    # the watchdog, two ranks and their two children
-    check_all_end_with_the_parent(TORCHRUN_PARENT, 5, sig)
+    # the watchdog, two ranks under their reapers, and their two children
+    check_all_end_with_the_parent(TORCHRUN_PARENT, 7, sig)
+
+
+# ----------------------------------------- what a process leaves behind
+
+# A worker that starts a process in a session of its own (out of reach of
+# its process group), writes that process's pid to a file, and then exits
+# with argv[2] or, for 'sleep', runs on until the job's timeout.
+WORKER_WITH_ESCAPEE = (
+    'import os, subprocess, sys, time\n'
+    'p = subprocess.Popen([sys.executable, "-c", "import time; '
+    'time.sleep(600)"], start_new_session=True)\n'
+    'path = os.path.join(sys.argv[1], str(os.getpid()))\n'
+    'open(path + ".tmp", "w").write(str(p.pid))\n'
+    'os.rename(path + ".tmp", path)\n'
+    'if sys.argv[2] == "sleep": time.sleep(600)\n'
+    'sys.exit(int(sys.argv[2]))')
+
+
+def escapees(folder):
+    """The pids the workers wrote, and those of them still running."""
+    pids = [int(f.read_text()) for f in folder.iterdir()
+            if not f.name.endswith('.tmp')]
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:  # gone, as it should be
+            pass
+    return pids, alive(procs)
+
+
+def run_cluster(args):
+    return cluster.launch_local_cluster(args, num_workers=2, timeout=5,
+                                        server_args=QUICK)
+
+
+def run_torchrun(args):
+    return cluster.launch_local_torchrun(args, 2, timeout=5)
+
+
+@pytest.mark.parametrize('launch', [run_cluster, run_torchrun],
+                         ids=['cluster', 'torchrun'])
+@pytest.mark.parametrize('ending,error', [
+    ('0', None), ('1', RuntimeError), ('sleep', TimeoutError)],
+    ids=['success', 'failure', 'timeout'])
+def test_nothing_a_process_started_outlives_the_job(tmp_path, launch, ending,
+                                                    error):
+    args = ['-c', WORKER_WITH_ESCAPEE, str(tmp_path), ending]
+    if error is None:
+        launch(args)
+    else:
+        with pytest.raises(error):
+            launch(args)
+    pids, running = escapees(tmp_path)
+    try:
+        assert len(pids) == 2
+        assert not running, f'still running: {running}'
+    finally:
+        end_all(running)

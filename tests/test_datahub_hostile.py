@@ -32,6 +32,7 @@ from d2l_face.datahub import (ArchiveError, BinFormatError, DataError,
                               DownloadedArchiveError, DownloadError, download,
                               download_extract, extract, load_bin_pairs,
                               save_bin_pairs)
+from synthetic import deadline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(datahub.__file__)))
 MEMBERS = {'faces/a.bin': bytes(range(256)) * 12,  # 3072 bytes: six blocks
@@ -367,6 +368,20 @@ class Handler(BaseHTTPRequestHandler):
         Handler.release.wait(10)
         self.close_connection = True
 
+    def serve_drip(self):  # promises a megabyte, sends ten bytes a second
+        self.send_response(200)
+        self.send_header('Content-Length', str(10**6))
+        self.end_headers()
+        try:
+            for _ in range(6000):  # ten minutes: far beyond any test
+                if Handler.release.wait(0.1):
+                    break
+                self.wfile.write(b'z')
+                self.wfile.flush()
+        except OSError:
+            pass  # the client gave up: what we want
+        self.close_connection = True
+
 
 @pytest.fixture(scope='module')
 def server():
@@ -412,6 +427,53 @@ def test_endless_body_stops_before_the_disk_is_full(server, tmp_path, monkeypatc
     with pytest.raises(DownloadError, match='more than the'):
         download(server + '/endless/x.zip', tmp_path, timeout=5)
     assert os.listdir(tmp_path) == []
+
+
+class Hung(BaseException):
+    """Not an Exception: the data path cannot mistake it for its own."""
+
+
+# The drip's 10 bytes a second are a hundred times below this minimum rate.
+DRIP_LIMITS = dict(min_rate=1000, rate_grace=1)
+
+
+def test_a_dripping_server_is_dropped_below_the_minimum_rate(server,
+                                                             tmp_path):
+    url = server + '/drip/x.zip'
+    with deadline(60), pytest.raises(
+            DownloadError, match=r'x.zip: \d+ bytes in [\d.]+ s, below the '
+                                 r'minimum average of 1000 bytes a second'):
+        download(url, tmp_path, timeout=5, **DRIP_LIMITS)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_download_past_its_deadline_is_dropped(server, tmp_path):
+    with deadline(60), pytest.raises(
+            DownloadError, match=r'x.zip: not done after 1.5 s \(\d+ bytes'):
+        download(server + '/drip/x.zip', tmp_path, timeout=5, deadline=1.5,
+                 min_rate=0)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('limits', [dict(deadline=0), dict(min_rate=-1),
+                                    dict(rate_grace=float('nan'))])
+def test_transfer_limits_must_make_sense(tmp_path, limits):
+    with pytest.raises(ValueError, match='need deadline > 0'):
+        download('http://127.0.0.1:9/x.zip', tmp_path, **limits)
+
+
+def test_get_facerec_dir_falls_back_when_the_server_drips(server, tmp_path,
+                                                          monkeypatch):
+    d2lf = pytest.importorskip('d2l_face.mxnet')
+    monkeypatch.setitem(d2lf.d2l.DATA_HUB, 'faces-casia-ultrasmall',
+                        (server + '/drip/faces.zip', GOOD_SHA))
+    monkeypatch.setenv('D2L_FACE_SOURCE', 'auto')
+    monkeypatch.setenv('D2L_FACE_DATA', str(tmp_path))
+    monkeypatch.setattr(datahub, 'MIN_RATE', 1000, raising=False)
+    monkeypatch.setattr(datahub, 'RATE_GRACE', 1, raising=False)
+    monkeypatch.setattr(d2lf, 'standin_facerec_dir', lambda name: 'the stand-in')
+    with deadline(60, Hung):  # before the fix: a download that never ends
+        assert d2lf.get_facerec_dir('faces-casia-ultrasmall') == 'the stand-in'
 
 
 def test_local_failure_is_a_download_error(server, tmp_path):

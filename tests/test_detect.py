@@ -211,3 +211,34 @@ def test_a_state_dict_reads_back_exactly(tmp_path):
     loaded = d2lf.read_state_dict(path)
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def mtcnn_must_not_run(monkeypatch):
+    """Make facenet-pytorch's detector fail the test if it is called."""
+    from facenet_pytorch.models.utils import detect_face as module
+
+    def ran(*args, **kwargs):
+        raise AssertionError('MTCNN ran on a photo it should have refused')
+    monkeypatch.setattr(module, 'detect_face', ran)
+
+
+@pytest.mark.parametrize('shape', [(20000, 20000, 3), (5000, 5001, 3)])
+def test_a_photo_above_the_pixel_limit_is_refused_before_mtcnn(
+        nets, monkeypatch, shape):
+    mtcnn_must_not_run(monkeypatch)
+    # A view of one pixel: the photo's size without its memory.
+    huge = onp.broadcast_to(onp.zeros((1, 1, 3), onp.uint8), shape)
+    with pytest.raises(ValueError, match=f'{shape[1]}x{shape[0]} pixels, '
+                                         f'more than MAX_PHOTO_PIXELS'):
+        d2lf.detect_faces(huge, nets)
+    at_limit = onp.broadcast_to(onp.zeros((1, 1, 3), onp.uint8),
+                                (5000, 5000, 3))
+    assert d2lf.check_photo(at_limit) is at_limit
+
+
+@pytest.mark.parametrize('bad', [[], (), 'abc', [1, 2]],
+                         ids=['empty list', 'empty tuple', 'str', 'two'])
+def test_nets_other_than_the_three_are_refused_by_name(astronaut, bad):
+    with pytest.raises(ValueError, match='three networks P-Net, R-Net and '
+                                         'O-Net that load_mtcnn returns'):
+        d2lf.detect_faces(astronaut, bad)

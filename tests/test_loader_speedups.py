@@ -150,9 +150,26 @@ def test_property_is_read_once_per_load(data_dir, monkeypatch):
 
 def test_labels_beyond_the_class_count_are_refused(data_dir):
     prefix = d2lf.pack_face_records(data_dir)
-    with pytest.raises(ValueError, match=rf'train\.rec: label {NUM_CLASSES - 1}'
-                                         r' but only 3 classes'):
+    with pytest.raises(ValueError, match=rf'train\.rec: 3 classes claimed, '
+                                         rf'but the pack holds {NUM_CLASSES} '
+                                         rf'\(labels up to {NUM_CLASSES - 1}'):
         d2lf.FaceRecordIter(prefix, 4, num_classes=3)
+
+
+@pytest.mark.parametrize('num_classes', [NUM_CLASSES + 1, 2_000_000])
+def test_more_classes_than_the_labels_are_refused(data_dir, num_classes):
+    prefix = d2lf.pack_face_records(data_dir)
+    with pytest.raises(ValueError, match=rf'{num_classes} classes claimed, '
+                                         rf'but the pack holds {NUM_CLASSES}'):
+        d2lf.FaceRecordIter(prefix, 4, num_classes=num_classes)
+
+
+@pytest.mark.parametrize('num_classes', [0, -1, 2.5, True, 40_000_000])
+def test_class_counts_outside_the_limit_are_refused(data_dir, num_classes):
+    prefix = d2lf.pack_face_records(data_dir)
+    with pytest.raises(ValueError, match=r'class count must be an integer in '
+                                         r'1\.\.2500000 \(MAX_CLASSES\)'):
+        d2lf.FaceRecordIter(prefix, 4, num_classes=num_classes)
 
 
 def test_load_data_facerec_uses_the_pack(data_dir):
@@ -637,6 +654,20 @@ def test_foreign_packs_read_back_exactly(data_dir, tmp_path, layout,
             assert expected[key] == label
     assert sorted(os.listdir(folder)) == ['property', 'train.idx',
                                           'train.rec']
+
+
+@pytest.mark.parametrize('claim, message', [
+    (40_000_000, 'property: 40000000 classes, more than MAX_CLASSES'),
+    (2_000_000, rf'2000000 classes claimed, but the pack holds {NUM_CLASSES} '
+                rf'\(labels up to {NUM_CLASSES - 1}, {NUM_CLASSES} identity'),
+    (NUM_CLASSES - 1, f'{NUM_CLASSES - 1} classes claimed')])
+def test_a_property_the_insightface_pack_disagrees_with_is_refused(
+        data_dir, tmp_path, claim, message):
+    folder, _ = foreign_pack_dir(data_dir, tmp_path, 'insightface')
+    with open(os.path.join(folder, 'property'), 'w') as f:
+        f.write(f'{claim},112,112\n')
+    with pytest.raises(ValueError, match=message):
+        d2lf.load_data_facerec(folder, [], 4)
 
 
 def test_foreign_pack_without_property(data_dir, tmp_path):

@@ -270,10 +270,10 @@ def test_ranks_end_when_their_parent_is_killed(tmp_path, sig):
     procs = []
     try:
         deadline = time.monotonic() + 120
-        while len(procs) < 3 and time.monotonic() < deadline:
-            time.sleep(0.2)  # the watchdog and the two ranks
+        while len(procs) < 5 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the watchdog, two ranks and their reapers
             procs = psutil.Process(parent.pid).children(recursive=True)
-        assert len(procs) == 3, procs
+        assert len(procs) == 5, procs
         # Let the ranks join their group: then both hold connections.
         while (time.monotonic() < deadline and
                sum(map(connected, procs)) < 2):
@@ -289,3 +289,14 @@ def test_ranks_end_when_their_parent_is_killed(tmp_path, sig):
         for p in procs:
             if p.is_running():
                 p.kill()
+
+
+def test_every_rank_sets_a_timeout_shorter_than_gloos_default():
+    import datetime
+    import inspect
+    import re
+    assert datetime.timedelta(0) < d2lf.DIST_TIMEOUT \
+        < datetime.timedelta(minutes=30)
+    source = inspect.getsource(d2lf)
+    calls = re.findall(r'dist\.init_process_group\(([^)]*)\)', source)
+    assert calls and all('timeout=DIST_TIMEOUT' in c for c in calls), calls

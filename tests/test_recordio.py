@@ -543,6 +543,25 @@ def test_damaged_identity_record(pack):
         PackReader(pack)
 
 
+# LABELS in InsightFace's layout: identity records at keys 9 to 12 with the
+# image ranges (1, 4), (4, 5), (5, 7) and (7, 9).
+@pytest.mark.parametrize('ranges,problem', [
+    ({10: (3, 5)}, r'record 10 at byte \d+: identity record 1 \(images 3..4 '
+                   r'of 1..8\) overlaps the one before'),
+    ({10: (5, 5)}, 'identity record 1 .* leaves images 4..4 out'),
+    ({12: (7, 8)}, 'identity record 3 .* is the last, yet images 8..8 follow'),
+    ({9: (1, 5), 10: (5, 5)}, r'identity record 0 \(images 1..4 of 1..8\) '
+                              r'holds images of labels 0 and 1'),
+], ids=['overlap', 'gap', 'short', 'mixed labels'])
+def test_identity_ranges_must_tile_the_images_by_label(pack, ranges,
+                                                       problem):
+    for key, (first, end) in ranges.items():
+        patch(pack, record_offset(pack, key) + 8 + 24,
+              struct.pack('<ff', first, end))
+    with pytest.raises(PackError, match=problem):
+        PackReader(pack)
+
+
 def test_every_image_header_is_checked(tmp_path):
     """Same-encoder headers are recognized, yet a later odd one is caught."""
     image = np.zeros((SIZE, SIZE, 3), np.uint8)

@@ -9,7 +9,7 @@ from mxnet import gluon, init, np, npx
 from mxnet.gluon import nn
 
 from d2l_face import mxnet as d2lf
-from synthetic import deadline, synthetic_pairs, tiny_class_images
+from synthetic import HANG, deadline, synthetic_pairs, tiny_class_images
 
 npx.set_np()
 
@@ -418,6 +418,12 @@ def tiny_dataset(num_classes=4, per_class=16, batch_size=16, seed=0):
 
 
 def test_training_smoke_loss_decreases():
+    """32 steps after a warm-up of 8, as in the PyTorch tab's test. With 16
+    steps and no warm-up, seeds 0-2 (one thread) ended at 0.22, 0.63 and
+    0.38 of the first loss, seed 2 at a lower accuracy than it began. With
+    them, over seeds 0-19 the median was 0.01 and seed 0 ends at 0.001,
+    but seed 14 jumped to 3.3 times its first loss and ended at 1.6 times:
+    this claim holds for seed 0 by far, not for every seed."""
     npx.random.seed(0)
     onp.random.seed(0)
     train_iter = tiny_dataset()
@@ -428,13 +434,14 @@ def test_training_smoke_loss_decreases():
     margin.initialize()
     images, issame = synthetic_pairs(num_pairs=40, size=112)
     history = d2lf.train_facerec(
-        net, margin, train_iter, {'tiny': (images, issame)}, num_steps=16,
-        lr=0.05, eval_every=8, log_every=4, devices=[npx.cpu()], plot=False)
+        net, margin, train_iter, {'tiny': (images, issame)}, num_steps=32,
+        lr=0.05, warmup_steps=8, eval_every=16, log_every=8,
+        devices=[npx.cpu()], plot=False)
     losses = [loss for _, loss in history['train loss']]
     assert len(losses) == 4 and len(history['tiny']) == 2
     assert losses[-1] < 0.5 * losses[0]
     assert history['train acc'][-1][1] > history['train acc'][0][1]
-    assert history['train loss'][-1][0] == pytest.approx(16 / len(train_iter))
+    assert history['train loss'][-1][0] == pytest.approx(32 / len(train_iter))
 
 
 def test_training_step_on_two_devices_keeps_copies_equal():
@@ -621,7 +628,7 @@ def test_fewer_images_than_a_batch_raise_at_once(standin_root, plot):
     train_iter, verification_sets = d2lf.load_data_facerec(
         data_dir, ['lfw_small'], batch_size=num_images + 1)
     net, margin = tiny_face_net_and_margin(NUM_CLASSES)
-    with deadline(1), pytest.raises(
+    with deadline(HANG), pytest.raises(
             ValueError, match=f'no batch: {num_images} images in batches '
                               f'of {num_images + 1}'):
         d2lf.train_facerec(net, margin, train_iter, verification_sets,
@@ -637,14 +644,14 @@ def test_step_counts_below_one_raise_at_once(name, value):
     net, margin = tiny_face_net_and_margin()
     counts = dict(num_steps=4, eval_every=2, log_every=2)
     counts[name] = value
-    with deadline(1), pytest.raises(ValueError, match=f'{name} must be'):
+    with deadline(HANG), pytest.raises(ValueError, match=f'{name} must be'):
         d2lf.train_facerec(net, margin, tiny_dataset(), {}, lr=0.1,
                            devices=[npx.cpu()], plot=False, **counts)
 
 
 def test_an_empty_list_of_batches_raises_at_once():
     net, margin = tiny_face_net_and_margin()
-    with deadline(1), pytest.raises(ValueError, match='list of length 0'):
+    with deadline(HANG), pytest.raises(ValueError, match='list of length 0'):
         d2lf.train_facerec(net, margin, [], {}, num_steps=3, lr=0.1,
                            devices=[npx.cpu()], plot=False)
 
@@ -721,3 +728,60 @@ def test_cpu_config_builds_what_the_section_trains():
     net.initialize(init.Xavier())
     X = np.zeros((2, 3, 112, 112))
     assert net(X).shape == (2, config['embedding_size'])
+
+
+# --------------------------------------------- divergence and bad settings
+
+def small_batches(batch_size=4, num_batches=2):
+    """Two small batches of tiny_dataset's images: quick steps."""
+    X, y = tiny_dataset()[0]
+    return [(X[i:i + batch_size], y[i:i + batch_size])
+            for i in range(0, batch_size * num_batches, batch_size)]
+
+
+@pytest.mark.parametrize('change', ['lr=1e8', 'm3=nan'])
+def test_divergence_stops_at_the_first_non_finite_loss(change):
+    net, margin = tiny_face_net_and_margin()
+    lr = 1e8 if change == 'lr=1e8' else 0.05
+    if change == 'm3=nan':
+        margin.m3 = float('nan')  # set after the layer checked it
+    history = []
+    with pytest.raises(d2lf.TrainingDiverged,
+                       match=r'diverged at step \d+: the mean loss of its '
+                             r'batch is (nan|inf)'):
+        history = d2lf.train_facerec(net, margin, small_batches(), {},
+                                     num_steps=20, lr=lr, log_every=1,
+                                     devices=[npx.cpu()], plot=False)
+    assert history == []
+    assert issubclass(d2lf.TrainingDiverged, FloatingPointError)
+
+
+@pytest.mark.parametrize('name,value', [
+    ('lr', float('nan')), ('lr', 0.0), ('lr', -0.1), ('lr', float('inf')),
+    ('wd', -1e-4), ('momentum', float('nan'))])
+def test_sgd_settings_are_checked_before_the_first_step(name, value):
+    net, margin = tiny_face_net_and_margin()
+    settings = dict(lr=0.05, wd=5e-4, momentum=0.9)
+    settings[name] = value
+    with pytest.raises(ValueError, match=f'{name} must be a finite'):
+        d2lf.train_facerec(net, margin, small_batches(), {}, num_steps=2,
+                           devices=[npx.cpu()], plot=False, **settings)
+
+
+@pytest.mark.parametrize('margin', [
+    dict(s=float('inf')), dict(s=float('nan')), dict(m1=float('inf')),
+    dict(m2=float('nan')), dict(m3=float('nan')), dict(m3=float('-inf'))])
+def test_margin_layers_refuse_scales_and_margins_that_are_not_finite(margin):
+    with pytest.raises(ValueError, match='need a finite s > 0'):
+        d2lf.MarginLogits(4, 16, **margin)
+    with pytest.raises(ValueError, match='need a finite s > 0'):
+        d2lf.ShardedMarginLoss(4, 16, [npx.cpu(0), npx.cpu(1)], **margin)
+
+
+def test_a_batch_of_one_names_the_batch_norm_limit():
+    net, margin = tiny_face_net_and_margin()
+    with pytest.raises(ValueError, match='batch of 1 images on 1 device.*'
+                                         'at least 2 images per device'):
+        d2lf.train_facerec(net, margin, small_batches(batch_size=1), {},
+                           num_steps=2, lr=0.05, devices=[npx.cpu()],
+                           plot=False)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from d2l_face import torch as d2lf
-from synthetic import deadline, synthetic_pairs, tiny_class_images
+from synthetic import HANG, deadline, synthetic_pairs, tiny_class_images
 
 CPU = [torch.device('cpu')]
 
@@ -195,7 +195,10 @@ def test_step_reduces_the_loss_on_a_tiny_batch():
                                               optimizer, X, y, CPU)
         assert isinstance(total, float) and 0 <= correct <= 16
         losses.append(total / 16)
-    assert losses[-1] < 0.5 * losses[0]
+    # Eight steps on one batch go up and down on the way: over seeds 0-12
+    # (one thread) and 0-9 (two), the last loss was 0.02 to 0.73 of the
+    # first (seed 0: 0.09), and in a quarter of them above half of it.
+    assert losses[-1] < 0.9 * losses[0]
 
 
 def test_step_batch_size_divides_the_gradient():
@@ -269,14 +272,19 @@ def test_fp16_without_a_gpu_is_refused():
 # ----------------------------------------------------------- training loop
 
 def test_training_smoke_loss_decreases():
-    """Without a warm-up the first steps are erratic; 32 show the trend."""
+    """32 steps after a warm-up of 8 steps. Without the warm-up the first
+    steps are erratic: with one thread, as `make test` runs, seed 0's last
+    logged loss was 0.50 of its first and its accuracy did not grow. With
+    it, the last loss was at most 0.18 of the first over seeds 0-19 with one
+    thread, and at most 0.23 over seeds 0-19 with two."""
     torch.manual_seed(0)
     train_iter = tiny_dataset()
     net, margin = tiny_face_net_and_margin()
     images, issame = synthetic_pairs(num_pairs=40, size=112)
     history = d2lf.train_facerec(
         net, margin, train_iter, {'tiny': (images, issame)}, num_steps=32,
-        lr=0.05, eval_every=16, log_every=8, devices=CPU, plot=False)
+        lr=0.05, warmup_steps=8, eval_every=16, log_every=8, devices=CPU,
+        plot=False)
     losses = [loss for _, loss in history['train loss']]
     assert len(losses) == 4 and len(history['tiny']) == 2
     assert losses[-1] < 0.5 * losses[0]
@@ -313,7 +321,7 @@ def test_fewer_images_than_a_batch_raise_at_once(standin_root, plot):
     train_iter, verification_sets = d2lf.load_data_facerec(
         data_dir, ['lfw_small'], batch_size=num_images + 1)
     net, margin = tiny_face_net_and_margin(NUM_CLASSES)
-    with deadline(1), pytest.raises(
+    with deadline(HANG), pytest.raises(
             ValueError, match=f'no batch: {num_images} images in batches '
                               f'of {num_images + 1}'):
         d2lf.train_facerec(net, margin, train_iter, verification_sets,
@@ -328,14 +336,14 @@ def test_step_counts_below_one_raise_at_once(name, value):
     net, margin = tiny_face_net_and_margin()
     counts = dict(num_steps=4, eval_every=2, log_every=2)
     counts[name] = value
-    with deadline(1), pytest.raises(ValueError, match=f'{name} must be'):
+    with deadline(HANG), pytest.raises(ValueError, match=f'{name} must be'):
         d2lf.train_facerec(net, margin, tiny_dataset(), {}, lr=0.1,
                            devices=CPU, plot=False, **counts)
 
 
 def test_an_empty_list_of_batches_raises_at_once():
     net, margin = tiny_face_net_and_margin()
-    with deadline(1), pytest.raises(ValueError, match='list of length 0'):
+    with deadline(HANG), pytest.raises(ValueError, match='list of length 0'):
         d2lf.train_facerec(net, margin, [], {}, num_steps=3, lr=0.1,
                            devices=CPU, plot=False)
 
@@ -363,3 +371,59 @@ def test_cpu_config_builds_what_the_section_trains():
                            config['embedding_size'])
     assert net(torch.zeros(2, 3, 112, 112)).shape == \
         (2, config['embedding_size'])
+
+
+# --------------------------------------------- divergence and bad settings
+
+def small_batches(batch_size=4, num_batches=2):
+    """Two small batches of tiny_dataset's images: quick steps."""
+    X, y = tiny_dataset()[0]
+    return [(X[i:i + batch_size], y[i:i + batch_size])
+            for i in range(0, batch_size * num_batches, batch_size)]
+
+
+@pytest.mark.parametrize('change', ['lr=1e8', 'm3=nan'])
+def test_divergence_stops_at_the_first_non_finite_loss(change):
+    net, margin = tiny_face_net_and_margin()
+    lr = 1e8 if change == 'lr=1e8' else 0.05
+    if change == 'm3=nan':
+        margin.m3 = float('nan')  # set after the layer checked it
+    history = []
+    with pytest.raises(d2lf.TrainingDiverged,
+                       match=r'diverged at step \d+: the mean loss of its '
+                             r'batch is (nan|inf)'):
+        history = d2lf.train_facerec(net, margin, small_batches(), {},
+                                     num_steps=20, lr=lr, log_every=1,
+                                     devices=CPU, plot=False)
+    assert history == []
+    assert issubclass(d2lf.TrainingDiverged, FloatingPointError)
+
+
+@pytest.mark.parametrize('name,value', [
+    ('lr', float('nan')), ('lr', 0.0), ('lr', -0.1), ('lr', float('inf')),
+    ('wd', -1e-4), ('momentum', float('nan'))])
+def test_sgd_settings_are_checked_before_the_first_step(name, value):
+    net, margin = tiny_face_net_and_margin()
+    settings = dict(lr=0.05, wd=5e-4, momentum=0.9)
+    settings[name] = value
+    with pytest.raises(ValueError, match=f'{name} must be a finite'):
+        d2lf.train_facerec(net, margin, small_batches(), {}, num_steps=2,
+                           devices=CPU, plot=False, **settings)
+
+
+@pytest.mark.parametrize('margin', [
+    dict(s=float('inf')), dict(s=float('nan')), dict(m1=float('inf')),
+    dict(m2=float('nan')), dict(m3=float('nan')), dict(m3=float('-inf'))])
+def test_margin_layers_refuse_scales_and_margins_that_are_not_finite(margin):
+    with pytest.raises(ValueError, match='need a finite s > 0'):
+        d2lf.MarginLogits(4, 16, **margin)
+    with pytest.raises(ValueError, match='need a finite s > 0'):
+        d2lf.ShardedMarginLoss(4, 16, CPU * 2, **margin)
+
+
+def test_a_batch_of_one_names_the_batch_norm_limit():
+    net, margin = tiny_face_net_and_margin()
+    with pytest.raises(ValueError, match='batch of 1 images on 1 device.*'
+                                         'at least 2 images per device'):
+        d2lf.train_facerec(net, margin, small_batches(batch_size=1), {},
+                           num_steps=2, lr=0.05, devices=CPU, plot=False)
