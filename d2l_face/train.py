@@ -34,14 +34,12 @@ The ideas, each in a function or two below:
 """
 import contextlib
 import copy
-import ctypes
 import datetime
 import hashlib
 import io
 import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -52,7 +50,7 @@ from torch import distributed as dist
 from torch import nn
 from torch.distributed import nn as dist_nn
 
-from d2l_face import temps
+from d2l_face import orphans, temps
 from d2l_face import torch as d2lf
 from d2l_face.train_config import ConfigError, parse_config
 
@@ -72,11 +70,8 @@ def die_with_parent():
     torchrun starts each rank in a session of its own and stops them when
     it exits normally; killed, it stops nothing, and a rank waiting in a
     collective operation would wait for `dist_timeout` seconds."""
-    under_torchrun = 'TORCHELASTIC_RUN_ID' in os.environ
-    if sys.platform.startswith('linux') and under_torchrun:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PDEATHSIG
-        if os.getppid() == 1:  # the launcher died before we asked
-            os._exit(1)
+    if 'TORCHELASTIC_RUN_ID' in os.environ:  # started by torchrun
+        orphans.die_with_parent(os.getppid())
 
 
 def start_group(cfg):
