@@ -648,6 +648,11 @@ class FaceResNet(nn.Module):
         self.head = nn.Sequential(
             nn.BatchNorm2d(in_channels), nn.Dropout(dropout), nn.Flatten(),
             nn.Linear(in_channels * 7 * 7, embedding_size), embedding_norm)
+        for m in self.modules():  # as MXNet's init.Xavier() does
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x):
         x = (x - 0.5) / 0.5  # [0, 1] pixels, as ToTensor makes them
