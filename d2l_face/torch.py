@@ -656,7 +656,11 @@ class FaceResNet(nn.Module):
 
     def forward(self, x):
         x = (x - 0.5) / 0.5  # [0, 1] pixels, as ToTensor makes them
-        return self.head(self.stages(self.stem(x)))
+        x = self.head[:3](self.stages(self.stem(x)))
+        # Under autocast (mixed precision), the fully connected layer and
+        # the last batch normalization compute in the parameters' float32.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head[3:](x.to(self.head[3].weight.dtype))
 
 def face_resnet(depth=18, width=1.0, embedding_size=512, dropout=0.0):
     """Return a Face-ResNet of the given depth (18, 34, 50 or 100).

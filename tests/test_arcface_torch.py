@@ -346,3 +346,32 @@ def test_margin_weights_start_normal_std_001():
     assert abs(float((w ** 2).mean()) / 0.01 ** 2 - 1) <= 8 * math.sqrt(
         2 / w.numel())
     assert abs(float(w.mean())) <= 8 * 0.01 / math.sqrt(w.numel())
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_last_layers_stay_float32_under_autocast(dtype):
+    # As in arcface_torch's iresnet.py: the network runs under autocast
+    # up to the flattened features; the fully connected layer and the last
+    # batch normalization compute in float32 (CPU autocast stands in for
+    # CUDA's here; the code is the same).
+    net = d2lf.face_resnet(18, width=0.125, embedding_size=32)
+    seen, conv_out = {}, []
+
+    def record(i):
+        def hook(module, args, out):  # returns None: the output unchanged
+            seen[i] = (args[0].dtype, out.dtype)
+        return hook
+    for i, m in enumerate(net.head):
+        m.register_forward_hook(record(i))
+    net.stem[0].register_forward_hook(
+        lambda m, args, out: conv_out.append(out.dtype) and None)
+    with torch.autocast('cpu', dtype):
+        Y = net(torch.rand(2, 3, 112, 112))
+    assert conv_out == [dtype]  # the convolutions in reduced precision
+    assert seen[3] == (torch.float32, torch.float32)  # fully connected
+    assert seen[4] == (torch.float32, torch.float32)  # embedding BN
+    assert Y.dtype == torch.float32
+    # Without autocast nothing changes, in float64 too.
+    net64 = d2lf.face_resnet(18, width=0.125, embedding_size=32).double()
+    assert net64(torch.rand(2, 3, 112, 112, dtype=torch.float64)).dtype == (
+        torch.float64)
