@@ -1,5 +1,6 @@
 """The PyTorch tab of section 3: training step, schedule, files, errors."""
 import inspect
+import math
 import os
 
 import numpy as onp
@@ -245,6 +246,30 @@ def test_mixed_precision_step_keeps_float32_parameters():
     assert not torch.equal(before, margin.weight), 'no step was taken'
     assert all(p.dtype == torch.float32 for p in net.parameters())
     assert margin.weight.dtype == torch.float32
+
+
+def test_a_skipped_step_does_not_move_the_schedule():
+    # The schedule advances after optimizer.step(); a GradScaler that finds
+    # an infinite gradient does not call it, so the schedule counts updates.
+    net, margin = tiny_face_net_and_margin()
+    num_steps, warmup, lr = 10, 2, 0.1
+    optimizer = d2lf.facerec_trainer(net, margin, num_steps, lr,
+                                     warmup_steps=warmup)
+    scaler = torch.amp.GradScaler('cpu', growth_interval=100)
+    X, y = tiny_dataset(batch_size=4)[0]
+    updates = 0
+    for overflow in [True, False, True, True, False, False]:
+        before = margin.weight.detach().clone()
+        optimizer.zero_grad()
+        logits = margin(net(X), y)
+        total = loss_fn()(logits, y).mean() * (math.inf if overflow else 1)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        assert torch.equal(before, margin.weight) == overflow
+        updates += not overflow
+        want = lr * d2lf.warmup_cosine(updates + 1, num_steps, warmup)
+        assert optimizer.param_groups[0]['lr'] == pytest.approx(want)
 
 
 def test_fp16_without_a_gpu_is_refused():
