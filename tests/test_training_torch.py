@@ -178,7 +178,9 @@ def test_state_dict_round_trip_gives_identical_embeddings(tmp_path):
 def test_step_reduces_the_loss_on_a_tiny_batch():
     net, margin = tiny_face_net_and_margin()
     X, y = tiny_dataset(batch_size=16)[0]
-    optimizer = d2lf.facerec_trainer(net, margin, 30, 0.05, wd=0)
+    # From Xavier's initialization, at a rate of 0.05 the loss of this one
+    # batch jumps about for seeds 0 to 2; at 0.01 it falls for seeds 0 to 3.
+    optimizer = d2lf.facerec_trainer(net, margin, 30, 0.01, wd=0)
     losses = []
     for _ in range(8):
         total, correct = d2lf.train_face_step(net, margin, loss_fn(),
