@@ -1212,6 +1212,17 @@ def training_status(step, num_steps, history, images_per_sec):
     return (f'step {step}/{num_steps}: {latest}, '
             f'{images_per_sec:.1f} images/sec')
 
+def average_bn_statistics(net):
+    """Give each copy of a BN running statistic the mean of all copies.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    for param in net.collect_params().values():
+        copies = param.list_data()
+        if param.name.endswith(('running_mean', 'running_var')) and len(
+                copies) > 1:  # the mean as save_parameters computes it
+            param.set_data(sum([c.copyto(mx.cpu()) for c in copies]) /
+                           len(copies))
+
 def train_facerec(net, margin, train_iter, verification_sets, num_steps, lr,
                   wd=5e-4, momentum=0.9, warmup_steps=0, eval_every=100,
                   log_every=10, devices=None, plot=True):
@@ -1240,6 +1251,7 @@ def train_facerec(net, margin, train_iter, verification_sets, num_steps, lr,
             values['train acc'] = metric[1] / metric[2]
             metric.reset()
         if step % eval_every == 0 or step == num_steps:
+            average_bn_statistics(net)  # one set on every device
             for name, verification_set in verification_sets.items():
                 values[name] = evaluate_verification(
                     net, verification_set, devices=devices)['acc']

@@ -707,10 +707,19 @@ class FaceResNet(nn.Module):
         self.head = nn.Sequential(
             nn.BatchNorm2d(in_channels), nn.Dropout(dropout), nn.Flatten(),
             nn.Linear(in_channels * 7 * 7, embedding_size), embedding_norm)
+        for m in self.modules():  # as MXNet's init.Xavier() does
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x):
         x = (x - 0.5) / 0.5  # [0, 1] pixels, as ToTensor makes them
-        return self.head(self.stages(self.stem(x)))
+        x = self.head[:3](self.stages(self.stem(x)))
+        # Under autocast (mixed precision), the fully connected layer and
+        # the last batch normalization compute in the parameters' float32.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head[3:](x.to(self.head[3].weight.dtype))
 
 def face_resnet(depth=18, width=1.0, embedding_size=512, dropout=0.0):
     """Return a Face-ResNet of the given depth (18, 34, 50 or 100).
@@ -1545,12 +1554,14 @@ def train_on_parts(net, head, batches, parts, num_parts, lr=0.05):
     device, dtype, losses = params[0].device, params[0].dtype, []
     net.train()
     for X, y in batches:
-        Xs = X.to(device, dtype).chunk(num_parts)
-        ys = y.to(device).chunk(num_parts)
+        Xs, ys = X.chunk(num_parts), y.chunk(num_parts)
         optimizer.zero_grad()
-        # Each part through the network on its own: its own batch statistics.
-        loss = sum(F.cross_entropy(head(net(Xs[i]), ys[i]), ys[i],
-                                   reduction='sum') for i in parts)
+        loss = 0
+        for i in parts:  # only these parts go to the device
+            X_i, y_i = Xs[i].to(device, dtype), ys[i].to(device)
+            # Each part through the network on its own: its own statistics.
+            loss = loss + F.cross_entropy(head(net(X_i), y_i), y_i,
+                                          reduction='sum')
         loss = loss / sum(len(ys[i]) for i in parts)
         loss.backward()  # in DDP, the gradients of all ranks are averaged
         optimizer.step()
@@ -1571,10 +1582,13 @@ def train_face_worker(data_dir, out_dir, backend='gloo', num_classes=20,
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = (torch.device('cuda', int(os.environ['LOCAL_RANK']))
               if backend == 'nccl' else torch.device('cpu'))
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)  # this rank's GPU, not GPU 0
     batches = face_batches(data_dir, num_classes, batch_size * world_size,
                            num_steps, seed)
     net, head = (nn.parallel.DistributedDataParallel(
-        m.to(device, getattr(torch, dtype)))
+        m.to(device, getattr(torch, dtype)),
+        device_ids=[device] if device.type == 'cuda' else None)
         for m in init_face_model(num_classes, width, seed))
     tic = time.time()
     losses = train_on_parts(net, head, batches, [rank], world_size, lr)

@@ -3,6 +3,7 @@ import math
 
 import numpy as onp
 import pytest
+import mxnet as mx
 from mxnet import autograd, gluon, init, np, npx
 
 from d2l_face import mxnet as d2lf
@@ -306,3 +307,56 @@ def test_channel_prelu_matches_gluon_prelu():
                         slope.grad().asnumpy().ravel()))
     for a, b in zip(*results):
         onp.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def check_xavier_uniform(name, w, fan_in, fan_out, sigmas=8):
+    """w drawn from U(-a, a), a = sqrt(6 / (fan_in + fan_out)): every value
+    within a, and mean(w^2) = a^2 / 3 within `sigmas` standard errors (the
+    standard error of mean(w^2) over n draws is 0.894 a^2 / 3 / sqrt(n))."""
+    a = math.sqrt(6 / (fan_in + fan_out))
+    w = onp.asarray(w, dtype='float64').ravel()
+    assert onp.abs(w).max() <= a * (1 + 1e-6), name
+    tolerance = sigmas * math.sqrt(4 / 45) * 3 / math.sqrt(w.size)
+    assert abs((w ** 2).mean() / (a * a / 3) - 1) <= tolerance, name
+    return tolerance
+
+
+def test_face_resnet_initializes_as_xavier():
+    # The tab's init.Xavier(): convolution and dense weights uniform with
+    # a = sqrt(6 / (fan_in + fan_out)), fans times the kernel size; biases
+    # and BN shifts 0, BN scales 1, PReLU slopes 0.25 (their own inits).
+    mx.random.seed(0)
+    net = d2lf.face_resnet(18, width=0.25, embedding_size=64)
+    net.initialize(init.Xavier())
+    weights = 0
+    for p in net.collect_params().values():
+        value = p.data().asnumpy()
+        if value.shape[1:] == (1, 1, 1):  # ChannelPReLU's slopes
+            assert (value == 0.25).all(), p.name
+        elif p.name.endswith('weight'):
+            receptive = math.prod(value.shape[2:])
+            fan_in, fan_out = (value.shape[1] * receptive,
+                               value.shape[0] * receptive)
+            tolerance = check_xavier_uniform(p.name, value, fan_in, fan_out)
+            # PyTorch's default, U(+-1/sqrt(fan_in)), would fail the check,
+            # its mean(w^2) being (fan_in + fan_out) / (6 fan_in) of
+            # Xavier's; but for the stem's 27 inputs and 144 outputs.
+            assert (abs((fan_in + fan_out) / (6 * fan_in) - 1) > tolerance
+                    or fan_in == 27)
+            weights += 1
+        elif p.name.endswith(('bias', 'beta', 'running_mean')):
+            assert (value == 0).all(), p.name
+        else:
+            assert p.name.endswith(('gamma', 'running_var')), p.name
+            assert (value == 1).all(), p.name
+    assert weights == 2 * 8 + 4 + 1 + 1  # 16 body, 4 shortcuts, stem, dense
+
+
+def test_margin_weights_start_normal_std_001():
+    mx.random.seed(0)
+    head = d2lf.MarginLogits(200, 64)
+    head.initialize()
+    w = head.weight.data().asnumpy().astype('float64')
+    # mean(w^2) of n normal draws: standard error sqrt(2 / n) relative
+    assert abs((w ** 2).mean() / 0.01 ** 2 - 1) <= 8 * math.sqrt(2 / w.size)
+    assert abs(w.mean()) <= 8 * 0.01 / math.sqrt(w.size)

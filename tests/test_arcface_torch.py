@@ -306,3 +306,72 @@ def test_input_is_normalized_inside():
 def test_bad_depth_or_width(depth, width):
     with pytest.raises(ValueError, match='must be'):
         d2lf.face_resnet(depth, width)
+
+
+def test_face_resnet_initializes_as_mxnet_xavier():
+    # The same distributions as the MXNet tab's init.Xavier(): convolution
+    # and linear weights uniform with a = sqrt(6 / (fan_in + fan_out)), the
+    # bias 0, BN scales 1 and shifts 0, PReLU slopes 0.25. mean(w^2) of n
+    # uniform draws has a relative standard error of 0.894 / sqrt(n); we
+    # allow 8 of them, which PyTorch's default (a = 1 / sqrt(fan_in)) fails
+    # for every layer but the stem.
+    torch.manual_seed(0)
+    net = d2lf.face_resnet(18, width=0.25, embedding_size=64)
+    weights = 0
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            w = m.weight.detach().double()
+            fan_in = w[0].numel()
+            fan_out = w.shape[0] * w[0, 0].numel()
+            a = math.sqrt(6 / (fan_in + fan_out))
+            tolerance = 8 * math.sqrt(4 / 45) * 3 / math.sqrt(w.numel())
+            assert float(w.abs().max()) <= a * (1 + 1e-6)
+            ratio = float((w ** 2).mean()) / (a * a / 3)
+            assert abs(ratio - 1) <= tolerance, m
+            assert (abs((fan_in + fan_out) / (6 * fan_in) - 1) > tolerance
+                    or fan_in == 27)
+            if m.bias is not None:
+                assert (m.bias == 0).all()
+            weights += 1
+        elif isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            assert (m.weight == 1).all() and (m.bias == 0).all()
+        elif isinstance(m, torch.nn.PReLU):
+            assert (m.weight == 0.25).all()
+    assert weights == 2 * 8 + 4 + 1 + 1  # 16 body, 4 shortcuts, stem, fc
+
+
+def test_margin_weights_start_normal_std_001():
+    torch.manual_seed(0)
+    w = d2lf.MarginLogits(200, 64).weight.detach().double()
+    assert abs(float((w ** 2).mean()) / 0.01 ** 2 - 1) <= 8 * math.sqrt(
+        2 / w.numel())
+    assert abs(float(w.mean())) <= 8 * 0.01 / math.sqrt(w.numel())
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_last_layers_stay_float32_under_autocast(dtype):
+    # As in arcface_torch's iresnet.py: the network runs under autocast
+    # up to the flattened features; the fully connected layer and the last
+    # batch normalization compute in float32 (CPU autocast stands in for
+    # CUDA's here; the code is the same).
+    net = d2lf.face_resnet(18, width=0.125, embedding_size=32)
+    seen, conv_out = {}, []
+
+    def record(i):
+        def hook(module, args, out):  # returns None: the output unchanged
+            seen[i] = (args[0].dtype, out.dtype)
+        return hook
+    for i, m in enumerate(net.head):
+        m.register_forward_hook(record(i))
+    net.stem[0].register_forward_hook(
+        lambda m, args, out: conv_out.append(out.dtype) and None)
+    with torch.autocast('cpu', dtype):
+        Y = net(torch.rand(2, 3, 112, 112))
+    assert conv_out == [dtype]  # the convolutions in reduced precision
+    assert seen[3] == (torch.float32, torch.float32)  # fully connected
+    assert seen[4] == (torch.float32, torch.float32)  # embedding BN
+    assert Y.dtype == torch.float32
+    # Without autocast nothing changes, in float64 too.
+    net64 = d2lf.face_resnet(18, width=0.125, embedding_size=32).double()
+    assert net64(torch.rand(2, 3, 112, 112, dtype=torch.float64)).dtype == (
+        torch.float64)

@@ -468,6 +468,83 @@ def test_training_step_on_two_devices_keeps_copies_equal():
         assert onp.array_equal(copies[0], copies[1]), param.name
 
 
+def bn_statistics(net):
+    """name -> the copies of each BN running statistic, as NumPy arrays."""
+    return {p.name: [d.asnumpy() for d in p.list_data()]
+            for p in net.collect_params().values()
+            if p.name.endswith(('running_mean', 'running_var'))}
+
+
+def test_bn_statistics_averaged_as_save_parameters_averages(tmp_path):
+    """Two CPU contexts stand in for GPUs; each sees its half of a batch."""
+    import mxnet as mx
+    devices = [mx.cpu(0), mx.cpu(1)]
+    npx.random.seed(0)
+    net = d2lf.face_resnet(18, width=0.0625, embedding_size=16)
+    net.initialize(init.Xavier(), ctx=devices)
+    margin = d2lf.MarginLogits(4, 16, s=16.0, m2=0.2)
+    margin.initialize(ctx=devices)
+    trainer = gluon.Trainer(list(net.collect_params().values()) +
+                            list(margin.collect_params().values()), 'sgd',
+                            {'learning_rate': 0.05})
+    rng = onp.random.default_rng(0)  # different images in the two halves
+    X = np.array(rng.uniform(size=(16, 3, 112, 112)), dtype='float32')
+    y = np.array(rng.integers(0, 4, size=16), dtype='int64')
+    # Two steps: the trainer's first copies device 0's values of every
+    # array it was given, the statistics too, to the other devices.
+    for _ in range(2):
+        d2lf.train_face_step(net, margin,
+                             gluon.loss.SoftmaxCrossEntropyLoss(), trainer,
+                             X, y, devices)
+    before = bn_statistics(net)
+    # a mean and a variance for each of 31 BN layers: the stem's, 3 in each
+    # of 8 units, 4 shortcuts', 2 in the head
+    assert len(before) == 2 * 31
+    assert any(not onp.array_equal(*copies) for copies in before.values())
+    # What MXNet saves: the mean of the copies.
+    path = str(tmp_path / 'net.params')
+    net.save_parameters(path)
+    clone = d2lf.face_resnet(18, width=0.0625, embedding_size=16)
+    clone.load_parameters(path, ctx=devices)
+    saved = {p.name: c.data(devices[1]).asnumpy() for p, c in zip(
+        net.collect_params().values(), clone.collect_params().values())}
+    trained = {p.name: p.data(devices[0]).asnumpy()
+               for p in net.collect_params().values()
+               if p.grad_req != 'null'}
+    d2lf.average_bn_statistics(net)
+    after = bn_statistics(net)
+    for name, (a, b) in before.items():
+        onp.testing.assert_allclose(after[name][0], (a + b) / 2, rtol=1e-6,
+                                    atol=1e-7)
+        assert onp.array_equal(after[name][0], after[name][1]), name
+        assert onp.array_equal(after[name][0], saved[name]), name
+    for p in net.collect_params().values():  # nothing else changed
+        if p.grad_req != 'null':
+            assert onp.array_equal(p.data(devices[1]).asnumpy(),
+                                   trained[p.name]), p.name
+    # So the network evaluates on both devices as its reloaded copy does.
+    images, _ = synthetic_pairs(num_pairs=4, size=112)
+    assert onp.array_equal(d2lf.embed_pairs(net, images, 3, devices),
+                           d2lf.embed_pairs(clone, images, 3, devices))
+
+
+def test_train_facerec_leaves_one_set_of_bn_statistics():
+    import mxnet as mx
+    devices = [mx.cpu(0), mx.cpu(1)]
+    npx.random.seed(0)
+    net = d2lf.face_resnet(18, width=0.0625, embedding_size=16)
+    net.initialize(init.Xavier())
+    margin = d2lf.MarginLogits(4, 16, s=16.0, m2=0.2)
+    margin.initialize()
+    images, issame = synthetic_pairs(num_pairs=10, size=112)
+    d2lf.train_facerec(net, margin, tiny_dataset(batch_size=16),
+                       {'tiny': (images, issame)}, num_steps=2, lr=0.05,
+                       eval_every=2, log_every=1, devices=devices,
+                       plot=False)
+    for name, (a, b) in bn_statistics(net).items():
+        assert onp.array_equal(a, b), name
+
+
 def test_train_on_small_standin_through_the_data_loader(standin_root):
     """Two passes over a 30-image stand-in, as the notebook trains."""
     data_dir = os.path.join(standin_root, 'faces-casia-ultrasmall')
