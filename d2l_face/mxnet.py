@@ -1257,8 +1257,7 @@ def train_facerec(net, margin, train_iter, verification_sets, num_steps, lr,
                     net, verification_set, devices=devices)['acc']
         for name, value in values.items():
             history[name].append((step / steps_per_epoch, value))
-        status = training_status(step, num_steps, history,
-                                 seen / timer.sum())
+        status = training_status(step, num_steps, history, seen / timer.sum())
         if board and values:
             board.add(step / steps_per_epoch, values, status)
     if board:

@@ -38,7 +38,8 @@ MAX_MODEL_BYTES = 2 << 30
 # adds. Others, such as ConstantOfShape, Expand, Tile, Resize, Range or If,
 # can make tensors far larger than the file, or hold graphs of their own.
 ALLOWED_OPS = frozenset({
-    'Add', 'AveragePool', 'BatchNormalization', 'Concat', 'Constant', 'Conv',
+    'Add', 'AveragePool', 'BatchNormalization', 'Cast', 'Concat', 'Constant',
+    'Conv',
     'Div', 'Dropout', 'Flatten', 'Gather', 'Gemm', 'GlobalAveragePool',
     'Identity', 'LeakyRelu', 'MatMul', 'MaxPool', 'Mul', 'PRelu', 'Relu',
     'Reshape', 'Shape', 'Sigmoid', 'Squeeze', 'Sub', 'Transpose', 'Unsqueeze'})
