@@ -431,11 +431,19 @@ def evaluate(net, cfg, device):
     return results
 
 
+def check_finite(loss, step, rank):
+    """Stop, as train_facerec does, at the first loss that is not finite."""
+    if not math.isfinite(loss):
+        raise d2lf.TrainingDiverged(
+            f'rank {rank}: training diverged at step {step}: the loss of its '
+            f'part of the batch is {loss}; try a smaller learning rate, a '
+            f'longer warm-up or a smaller scale s')
+
+
 def save_model(net, out, image_size):
     """model.pt (the backbone's state_dict) and model.onnx, in float32."""
     net = float32_copy(net)
-    with temps.writing(os.path.join(out, 'model.pt')) as f:
-        torch.save(net.state_dict(), f)
+    d2lf.save_tensors(net.state_dict(), os.path.join(out, 'model.pt'))
     d2lf.export_onnx(net, os.path.join(out, 'model.onnx'), image_size)
 
 
@@ -485,6 +493,7 @@ def train(cfg):
         stall('step', step)
         started = time.time()
         loss = trainer.step(step - 1, [next(parts) for _ in mine])
+        check_finite(loss, step, rank)
         since += torch.tensor([loss, trainer.global_batch / world_size,
                                time.time() - started])
         bar.update()

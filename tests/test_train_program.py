@@ -266,6 +266,15 @@ def test_bad_value_under_torchrun_stops_before_training(data_dir, tmp_path):
     assert not out.exists()
 
 
+def test_divergence_stops_the_run_and_names_the_step(data_dir, tmp_path):
+    out = tmp_path / 'out'
+    proc = start(command(data_dir, out, ['--lr', '1e300']), tmp_path)
+    output, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode != 0
+    assert 'TrainingDiverged' in output and 'diverged at step' in output
+    assert not (out / 'model.pt').exists()
+
+
 def test_sample_classes_keeps_the_batch_classes():
     generator = torch.Generator().manual_seed(0)
     labels = torch.tensor([3, -2, 17, 3, 40, 9])  # -2, 40: other shards
