@@ -418,12 +418,12 @@ def tiny_dataset(num_classes=4, per_class=16, batch_size=16, seed=0):
 
 
 def test_training_smoke_loss_decreases():
-    """32 steps after a warm-up of 8, as in the PyTorch tab's test. With 16
-    steps and no warm-up, seeds 0-2 (one thread) ended at 0.22, 0.63 and
-    0.38 of the first loss, seed 2 at a lower accuracy than it began. With
-    them, over seeds 0-19 the median was 0.01 and seed 0 ends at 0.001,
-    but seed 14 jumped to 3.3 times its first loss and ended at 1.6 times:
-    this claim holds for seed 0 by far, not for every seed."""
+    """32 steps after a warm-up of 8, at a rate of 0.02. With 16 steps, no
+    warm-up and 0.05, seeds 0-2 (one thread) ended at 0.22, 0.63 and 0.38
+    of the first loss; with the warm-up at 0.05, seed 14 of 0-19 ended at
+    1.6 times it. As here, over seeds 0-19 (one thread) the last loss was
+    at most 0.10 of the first (median below 0.001) and the accuracy grew for
+    each."""
     npx.random.seed(0)
     onp.random.seed(0)
     train_iter = tiny_dataset()
@@ -435,7 +435,7 @@ def test_training_smoke_loss_decreases():
     images, issame = synthetic_pairs(num_pairs=40, size=112)
     history = d2lf.train_facerec(
         net, margin, train_iter, {'tiny': (images, issame)}, num_steps=32,
-        lr=0.05, warmup_steps=8, eval_every=16, log_every=8,
+        lr=0.02, warmup_steps=8, eval_every=16, log_every=8,
         devices=[npx.cpu()], plot=False)
     losses = [loss for _, loss in history['train loss']]
     assert len(losses) == 4 and len(history['tiny']) == 2

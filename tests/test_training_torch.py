@@ -300,10 +300,12 @@ def test_fp16_without_a_gpu_is_refused():
 
 def test_training_smoke_loss_decreases():
     """32 steps after a warm-up of 8 steps. Without the warm-up the first
-    steps are erratic: with one thread, as `make test` runs, seed 0's last
+    steps were erratic: with one thread, as `make test` runs, seed 0's last
     logged loss was 0.50 of its first and its accuracy did not grow. With
-    it, the last loss was at most 0.18 of the first over seeds 0-19 with one
-    thread, and at most 0.23 over seeds 0-19 with two."""
+    it and the Xavier initialization, over seeds 0-19 (seed for the data and
+    the weights; one thread) the last loss was a median 0.01 of the first,
+    at most 0.61 (seed 13; 0.13 the next), and the accuracy grew for each;
+    hence the claim: lower, not a set fraction."""
     torch.manual_seed(0)
     train_iter = tiny_dataset()
     net, margin = tiny_face_net_and_margin()
@@ -314,7 +316,7 @@ def test_training_smoke_loss_decreases():
         plot=False)
     losses = [loss for _, loss in history['train loss']]
     assert len(losses) == 4 and len(history['tiny']) == 2
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < losses[0]
     assert history['train acc'][-1][1] > history['train acc'][0][1]
     assert history['train loss'][-1][0] == pytest.approx(32 / len(train_iter))
     assert net.training  # evaluation gave the training mode back
