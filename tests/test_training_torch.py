@@ -190,7 +190,7 @@ def test_step_reduces_the_loss_on_a_tiny_batch():
     net, margin = tiny_face_net_and_margin()
     X, y = tiny_dataset(batch_size=16)[0]
     # From Xavier's initialization, at a rate of 0.05 the loss of this one
-    # batch jumps about for seeds 0 to 2; at 0.01 it falls for seeds 0 to 3.
+    # batch jumps about for seeds 0 to 2; at 0.01 it falls.
     optimizer = d2lf.facerec_trainer(net, margin, 30, 0.01, wd=0)
     losses = []
     for _ in range(8):
@@ -198,10 +198,10 @@ def test_step_reduces_the_loss_on_a_tiny_batch():
                                               optimizer, X, y, CPU)
         assert isinstance(total, float) and 0 <= correct <= 16
         losses.append(total / 16)
-    # Eight steps on one batch go up and down on the way: over seeds 0-12
-    # (one thread) and 0-9 (two), the last loss was 0.02 to 0.73 of the
-    # first (seed 0: 0.09), and in a quarter of them above half of it.
-    assert losses[-1] < 0.9 * losses[0]
+    # Over seeds 0-19 (weights and batch; one thread) the last loss was at
+    # most 0.11 of the first (seed 7; median 0.001), though it may rise on
+    # the way.
+    assert losses[-1] < 0.5 * losses[0]
 
 
 def test_step_batch_size_divides_the_gradient():
