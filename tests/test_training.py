@@ -444,8 +444,8 @@ def test_training_smoke_loss_decreases():
     assert history['train loss'][-1][0] == pytest.approx(32 / len(train_iter))
 
 
-def test_training_step_on_two_devices_keeps_copies_equal():
-    """The multi-GPU path, with two CPU contexts standing in for GPUs."""
+def two_context_model(**sgd):
+    """A tiny net, margin and SGD trainer on two CPU contexts (as GPUs)."""
     import mxnet as mx
     devices = [mx.cpu(0), mx.cpu(1)]
     npx.random.seed(0)
@@ -455,7 +455,13 @@ def test_training_step_on_two_devices_keeps_copies_equal():
     margin.initialize(ctx=devices)
     trainer = gluon.Trainer(list(net.collect_params().values()) +
                             list(margin.collect_params().values()), 'sgd',
-                            {'learning_rate': 0.05, 'momentum': 0.9})
+                            dict(learning_rate=0.05, **sgd))
+    return devices, net, margin, trainer
+
+
+def test_training_step_on_two_devices_keeps_copies_equal():
+    """The multi-GPU path, with two CPU contexts standing in for GPUs."""
+    devices, net, margin, trainer = two_context_model(momentum=0.9)
     loss = gluon.loss.SoftmaxCrossEntropyLoss()
     X, y = tiny_dataset(batch_size=16)[0]
     total, correct = d2lf.train_face_step(net, margin, loss, trainer, X, y,
@@ -477,16 +483,7 @@ def bn_statistics(net):
 
 def test_bn_statistics_averaged_as_save_parameters_averages(tmp_path):
     """Two CPU contexts stand in for GPUs; each sees its half of a batch."""
-    import mxnet as mx
-    devices = [mx.cpu(0), mx.cpu(1)]
-    npx.random.seed(0)
-    net = d2lf.face_resnet(18, width=0.0625, embedding_size=16)
-    net.initialize(init.Xavier(), ctx=devices)
-    margin = d2lf.MarginLogits(4, 16, s=16.0, m2=0.2)
-    margin.initialize(ctx=devices)
-    trainer = gluon.Trainer(list(net.collect_params().values()) +
-                            list(margin.collect_params().values()), 'sgd',
-                            {'learning_rate': 0.05})
+    devices, net, margin, trainer = two_context_model()
     rng = onp.random.default_rng(0)  # different images in the two halves
     X = np.array(rng.uniform(size=(16, 3, 112, 112)), dtype='float32')
     y = np.array(rng.integers(0, 4, size=16), dtype='int64')
