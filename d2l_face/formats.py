@@ -15,13 +15,13 @@ import os
 import re
 import stat
 
-import numpy as np
+import numpy as onp
 
 # The five landmarks (left eye, right eye, nose tip, left and right mouth
 # corner) of the mean face in InsightFace's 112x112 ArcFace crops.
-ARCFACE_TEMPLATE = np.array([
+ARCFACE_TEMPLATE = onp.array([
     [38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-    [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
+    [41.5493, 92.3655], [70.7299, 92.2041]], dtype=onp.float32)
 TEMPLATE_SIZE = 112  # the crop size the template's coordinates refer to
 
 PROPERTY_FILE = 'property'  # first line: num_classes,height,width

@@ -21,7 +21,7 @@ embedding per face.
 import math
 import os
 
-import numpy as np
+import numpy as onp
 import onnx
 import onnxruntime
 
@@ -289,7 +289,7 @@ class EmbeddingModel:
         except ValueError as e:
             raise ModelFileError(f'{path}: metadata input_mean/input_std '
                                  f'are not numbers ({e})') from e
-        if not (np.isfinite(self.mean) and np.isfinite(self.std)
+        if not (onp.isfinite(self.mean) and onp.isfinite(self.std)
                 and self.std != 0):
             raise ModelFileError(f'{path}: metadata input_mean '
                                  f'{self.mean} and input_std {self.std} '
@@ -305,61 +305,61 @@ class EmbeddingModel:
     def _check_embeds(self):
         """Refuse a model that does not give one embedding per face: run it
         on PROBE_FACES different faces, expect as many different rows."""
-        faces = np.random.default_rng(0).integers(
-            0, 256, (PROBE_FACES, 3) + self.image_size, dtype=np.uint8)
+        faces = onp.random.default_rng(0).integers(
+            0, 256, (PROBE_FACES, 3) + self.image_size, dtype=onp.uint8)
         try:
-            out = np.asarray(self.session.run(
+            out = onp.asarray(self.session.run(
                 None, {self.input_name: self.scale(faces)})[0])
         except Exception as e:  # e.g. a batch size fixed inside the graph
             raise ModelFileError(
                 f'{self.path}: ONNX Runtime cannot run it on {PROBE_FACES} '
                 f'faces ({type(e).__name__}: {e})') from e
         if out.ndim != 2 or out.shape[0] != PROBE_FACES or \
-                out.shape[1] == 0 or not np.issubdtype(out.dtype, np.floating):
+                out.shape[1] == 0 or not onp.issubdtype(out.dtype, onp.floating):
             raise ModelFileError(
                 f'{self.path}: gives {out.dtype} of shape {out.shape} for '
                 f'{PROBE_FACES} faces, not one embedding per face, of shape '
                 f'({PROBE_FACES}, d)')
-        if not np.isfinite(out).all():
+        if not onp.isfinite(out).all():
             raise ModelFileError(f'{self.path}: gives embeddings that are not '
                                  f'finite (NaN or infinity)')
-        if all(np.array_equal(out[0], row) for row in out[1:]):
+        if all(onp.array_equal(out[0], row) for row in out[1:]):
             raise ModelFileError(f'{self.path}: gives {PROBE_FACES} '
                                  f'different faces the same embedding')
 
     def check_faces(self, images):
         """uint8 faces of shape (n, 3, h, w) with n > 0 and h, w the model's."""
-        images = np.asarray(images)
+        images = onp.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (3,) + self.image_size \
                 or len(images) == 0:
             raise ValueError(f'expected faces of shape (n, 3, '
                              f'{self.image_size[0]}, {self.image_size[1]}) '
                              f'with n > 0, not {images.shape}')
-        if images.dtype != np.uint8:
+        if images.dtype != onp.uint8:
             raise ValueError(f'expected uint8 pixel values, not {images.dtype}')
         return images
 
     def scale(self, images):
         """uint8 faces (n, 3, h, w) -> the float32 input of the model."""
         images = self.check_faces(images)
-        return ((images.astype(np.float32) - np.float32(self.mean)) /
-                np.float32(self.std))
+        return ((images.astype(onp.float32) - onp.float32(self.mean)) /
+                onp.float32(self.std))
 
     def embed(self, images, batch_size=256):
         """Embeddings (float32, not normalized) of uint8 faces (n, 3, h, w)."""
         images = self.check_faces(images)
         # Scaled a batch at a time: as float32 a whole set takes 4x its size.
-        return np.concatenate([
+        return onp.concatenate([
             self.session.run(None, {self.input_name: self.scale(
                 images[i:i + batch_size])})[0]
             for i in range(0, len(images), batch_size)])
 
     def embed_pairs(self, images, batch_size=256):
         """Unit-length sums of the embeddings of images[0] and images[1]."""
-        images = np.asarray(images)
+        images = onp.asarray(images)
         if images.ndim != 5 or images.shape[0] != 2 or images.shape[1] == 0:
             raise ValueError(f'expected images of shape (2, n, 3, h, w) with '
                              f'n > 0, not {images.shape}')
-        total = (self.embed(images[0], batch_size).astype(np.float64) +
+        total = (self.embed(images[0], batch_size).astype(onp.float64) +
                  self.embed(images[1], batch_size))
-        return total / np.linalg.norm(total, axis=1, keepdims=True)
+        return total / onp.linalg.norm(total, axis=1, keepdims=True)

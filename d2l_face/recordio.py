@@ -39,7 +39,7 @@ import re
 import stat
 import struct
 
-import numpy as np
+import numpy as onp
 
 from d2l_face import formats
 
@@ -139,7 +139,7 @@ def _parse_idx_block(block, idx_path, first_line):
             if not _IDX_LINES.fullmatch(line):
                 raise PackError(f'{idx_path}, line {n}: '
                                 f'{_idx_line_problem(line)}', idx_path)
-    return np.array(block.split(), dtype=np.int64).reshape(-1, 2)
+    return onp.array(block.split(), dtype=onp.int64).reshape(-1, 2)
 
 
 def _read_index_arrays(idx_path, rec_size=None):
@@ -159,21 +159,21 @@ def _read_index_arrays(idx_path, rec_size=None):
                     f'{idx_path}, line {max_records + 1}: more records than '
                     f'the {rec_size} bytes of {_rec_path(idx_path)} can hold',
                     idx_path)
-    table = np.concatenate(tables) if tables else np.empty((0, 2), np.int64)
+    table = onp.concatenate(tables) if tables else onp.empty((0, 2), onp.int64)
     keys, offsets = table[:, 0].copy(), table[:, 1].copy()
     _check_index(idx_path, keys, offsets, rec_size)
     return keys, offsets
 
 
 def _check_index(idx_path, keys, offsets, rec_size):
-    past = np.flatnonzero(offsets + 8 > rec_size)
+    past = onp.flatnonzero(offsets + 8 > rec_size)
     if len(past):
         line = past[0] + 1
         raise PackError(f'{idx_path}, line {line}: offset {offsets[past[0]]} '
                         f'lies past the end of the {rec_size}-byte '
                         f'{_rec_path(idx_path)}', idx_path)
-    order = np.argsort(keys, kind='stable')
-    same = np.flatnonzero(keys[order][1:] == keys[order][:-1])
+    order = onp.argsort(keys, kind='stable')
+    same = onp.flatnonzero(keys[order][1:] == keys[order][:-1])
     if len(same):
         first, again = order[same].tolist(), order[same + 1].tolist()
         line = min(again)  # the first line that repeats an earlier key
@@ -228,8 +228,8 @@ def _pack_record(key, label, data=b'', id2=0):
 
 def _image_label(label, label_vector, where):
     """Return the identity of a record's label and the label to write."""
-    if isinstance(label, (tuple, list, np.ndarray)):
-        values = tuple(float(x) for x in np.asarray(label).ravel())
+    if isinstance(label, (tuple, list, onp.ndarray)):
+        values = tuple(float(x) for x in onp.asarray(label).ravel())
         if not values:
             raise ValueError(f'{where}: empty label vector')
         identity = values[0]
@@ -357,18 +357,18 @@ class PackReader:
 
     def _open(self, image_size):
         buf = self._map if self._map is not None else b''
-        self._bytes = np.frombuffer(buf, np.uint8)
+        self._bytes = onp.frombuffer(buf, onp.uint8)
         keys, offsets = _read_index_arrays(self.idx_path, self._size)
         self._keys, self._offsets = keys, offsets
         header = self._header_record()
         if header is None:
-            self.layout, rows, num_ids = 'flat', np.arange(len(keys)), 0
-            extra = head = np.empty(0, np.int64)
+            self.layout, rows, num_ids = 'flat', onp.arange(len(keys)), 0
+            extra = head = onp.empty(0, onp.int64)
         else:
             self.layout = 'insightface'
             rows, extra = self._insightface_rows(*header)
-            num_ids, head = len(extra), np.flatnonzero(keys == 0)
-        everything = np.concatenate([rows, extra, head])
+            num_ids, head = len(extra), onp.flatnonzero(keys == 0)
+        everything = onp.concatenate([rows, extra, head])
         parsed = self._parse(everything)
         self._check_whole(everything, parsed['stop'])
         n = len(rows)
@@ -392,14 +392,14 @@ class PackReader:
         that leave bytes uncovered, or an index with lines the layout does
         not use, mean a cut or damaged index, not a smaller pack."""
         if len(rows) != len(self._keys):
-            unused = np.setdiff1d(np.arange(len(self._keys)), rows)[0]
+            unused = onp.setdiff1d(onp.arange(len(self._keys)), rows)[0]
             raise PackError(f'{self.idx_path}, line {unused + 1}: key '
                             f'{self._keys[unused]} is not a record of this '
                             f'{self.layout} pack', self.idx_path)
-        order = np.argsort(self._offsets[rows], kind='stable')
-        found = np.append(self._offsets[rows][order], self._size)
-        expected = np.append(0, stops[order])  # each record starts where
-        gap = np.flatnonzero(found != expected)  # the one before stopped
+        order = onp.argsort(self._offsets[rows], kind='stable')
+        found = onp.append(self._offsets[rows][order], self._size)
+        expected = onp.append(0, stops[order])  # each record starts where
+        gap = onp.flatnonzero(found != expected)  # the one before stopped
         if len(gap):
             a, b = int(expected[gap[0]]), int(found[gap[0]])
             raise PackError(f'{self.rec_path}: bytes {a} to {b} belong to no '
@@ -410,16 +410,16 @@ class PackReader:
 
     def _rows_of(self, wanted):
         """Return the index rows of keys `wanted`, and a key that is absent."""
-        order = np.argsort(self._keys)
-        found = order[np.minimum(np.searchsorted(self._keys, wanted,
+        order = onp.argsort(self._keys)
+        found = order[onp.minimum(onp.searchsorted(self._keys, wanted,
                                                  sorter=order),
                                  len(order) - 1)]
-        absent = np.flatnonzero(self._keys[found] != wanted)
+        absent = onp.flatnonzero(self._keys[found] != wanted)
         return found, (int(wanted[absent[0]]) if len(absent) else None)
 
     def _header_record(self):
         """Return (offset, first, end) of InsightFace's header, or None."""
-        rows = np.flatnonzero(self._keys == 0)
+        rows = onp.flatnonzero(self._keys == 0)
         if not len(rows):
             return None
         offset = int(self._offsets[rows[0]])
@@ -439,7 +439,7 @@ class PackReader:
 
     def _insightface_rows(self, offset, first, end):
         """Rows of the images 1..first-1 and identity records first..end-1."""
-        wanted = np.arange(1, end, dtype=np.int64)
+        wanted = onp.arange(1, end, dtype=onp.int64)
         rows, missing = self._rows_of(wanted)
         if missing is not None:
             raise PackError(
@@ -465,10 +465,10 @@ class PackReader:
         label, and the labels increase, as InsightFace's RecBuilder writes
         them (its sampler draws an identity's images from its range)."""
         ids = slice(n, n + len(rows))  # after them: the header record
-        first = parsed['label0'][ids].astype(np.int64)
-        end = parsed['label1'][ids].astype(np.int64)
-        stops = np.concatenate([[1], end[:-1]])  # where each should start
-        for j in np.flatnonzero(first != stops).tolist():
+        first = parsed['label0'][ids].astype(onp.int64)
+        end = parsed['label1'][ids].astype(onp.int64)
+        stops = onp.concatenate([[1], end[:-1]])  # where each should start
+        for j in onp.flatnonzero(first != stops).tolist():
             problem = ('overlaps the one before' if first[j] < stops[j] else
                        f'leaves images {stops[j]}..{first[j] - 1} out')
             self._bad_identity(rows, j, n, first[j], end[j], problem)
@@ -476,8 +476,8 @@ class PackReader:
             self._bad_identity(rows, len(end) - 1, n, first[-1], end[-1],
                                f'is the last, yet images {end[-1]}..{n} '
                                f'follow it')
-        owner = np.repeat(np.arange(len(first)), end - first)
-        mixed = np.flatnonzero((owner[1:] == owner[:-1]) &
+        owner = onp.repeat(onp.arange(len(first)), end - first)
+        mixed = onp.flatnonzero((owner[1:] == owner[:-1]) &
                                (self.labels[1:] != self.labels[:-1]))
         if len(mixed):
             j, k = int(owner[mixed[0]]), int(mixed[0]) + 1
@@ -485,9 +485,9 @@ class PackReader:
                                f'holds images of labels {self.labels[k - 1]} '
                                f'and {self.labels[k]}')
         own = self.labels[first[first < end] - 1]
-        if np.any(own[1:] <= own[:-1]):
-            j = int(np.flatnonzero(first < end)[
-                np.flatnonzero(own[1:] <= own[:-1])[0] + 1])
+        if onp.any(own[1:] <= own[:-1]):
+            j = int(onp.flatnonzero(first < end)[
+                onp.flatnonzero(own[1:] <= own[:-1])[0] + 1])
             self._bad_identity(rows, j, n, first[j], end[j],
                                f'holds label {self.labels[first[j] - 1]}, '
                                f'not above the label of the one before')
@@ -510,25 +510,25 @@ class PackReader:
         copy in `joined`, by position), and `stop`, the byte after the
         record."""
         offsets, n = self._offsets[rows], len(rows)
-        out = {'flags': np.zeros(n, np.int64), 'joined': {},
-               'label0': np.full(n, np.nan, np.float32),
-               'label1': np.full(n, np.nan, np.float32),
-               'begin': np.full(n, -1, np.int64),
-               'end': np.full(n, -1, np.int64),
-               'stop': np.zeros(n, np.int64)}
+        out = {'flags': onp.zeros(n, onp.int64), 'joined': {},
+               'label0': onp.full(n, onp.nan, onp.float32),
+               'label1': onp.full(n, onp.nan, onp.float32),
+               'begin': onp.full(n, -1, onp.int64),
+               'end': onp.full(n, -1, onp.int64),
+               'stop': onp.zeros(n, onp.int64)}
         if not n:
             return out
         ok = self._parse_fast(offsets, out)
         # Records in order of position: each may only reach the next one,
         # so walking split or damaged records reads each byte at most once.
-        order = np.argsort(offsets, kind='stable')
-        limits = np.append(offsets[order][1:], self._size)
-        limit_of = np.empty(n, np.int64)
+        order = onp.argsort(offsets, kind='stable')
+        limits = onp.append(offsets[order][1:], self._size)
+        limit_of = onp.empty(n, onp.int64)
         limit_of[order] = limits
-        for i in np.flatnonzero(~ok).tolist():
+        for i in onp.flatnonzero(~ok).tolist():
             self._parse_slow(rows[i], i, int(limit_of[i]), out)
         stops = out['stop'][order]
-        overlap = np.flatnonzero(stops[:-1] > offsets[order][1:])
+        overlap = onp.flatnonzero(stops[:-1] > offsets[order][1:])
         if len(overlap):
             a, b = order[overlap[0]], order[overlap[0] + 1]
             raise _damaged(self.rec_path, int(self._keys[rows[a]]),
@@ -541,23 +541,23 @@ class PackReader:
 
         Returns a mask of the records done; the rest go to `_parse_slow`,
         which also says what is wrong."""
-        words = np.frombuffer(self._bytes, '<u4', count=self._size // 4)
+        words = onp.frombuffer(self._bytes, '<u4', count=self._size // 4)
         aligned = offsets % 4 == 0
         at = offsets // 4
 
         def word(k):  # clipped: used only where the record holds it
             return words.take(at + k, mode='clip')
 
-        lrec = word(1).astype(np.int64)
+        lrec = word(1).astype(onp.int64)
         length, cflag = lrec & _LENGTH_MASK, lrec >> 29
-        flags = word(2).astype(np.int64)
+        flags = word(2).astype(onp.int64)
         need = 24 + 4 * flags
         stop = offsets + 8 + (length + 3) // 4 * 4
         ok = (aligned & (word(0) == MAGIC) & (cflag == 0) & (length >= need)
               & (stop <= self._size))
         # flag 0: the label is in the header; flag n: the n labels follow it.
-        label0 = np.where(flags == 0, word(3).view('<f4'), word(8).view('<f4'))
-        label1 = np.where(flags >= 2, word(9).view('<f4'), np.nan)
+        label0 = onp.where(flags == 0, word(3).view('<f4'), word(8).view('<f4'))
+        label1 = onp.where(flags >= 2, word(9).view('<f4'), onp.nan)
         out['flags'][ok], out['stop'][ok] = flags[ok], stop[ok]
         out['label0'][ok], out['label1'][ok] = label0[ok], label1[ok]
         out['begin'][ok] = (offsets + 8 + need)[ok]
@@ -619,27 +619,27 @@ class PackReader:
         if len(data) < need:
             raise _damaged(self.rec_path, key, start, f'{len(data)} bytes, '
                            f'too short for the header and {flag} labels')
-        labels = np.frombuffer(data, '<f4', min(flag, 2), _HEADER.size) \
-            if flag else np.array([label], np.float32)
+        labels = onp.frombuffer(data, '<f4', min(flag, 2), _HEADER.size) \
+            if flag else onp.array([label], onp.float32)
         out['flags'][i] = flag
         out['label0'][i] = labels[0]
-        out['label1'][i] = labels[1] if len(labels) > 1 else np.nan
+        out['label1'][i] = labels[1] if len(labels) > 1 else onp.nan
         if base is None:
-            out['joined'][i] = np.frombuffer(data, np.uint8, offset=need)
+            out['joined'][i] = onp.frombuffer(data, onp.uint8, offset=need)
         else:
             out['begin'][i], out['end'][i] = base + need, base + len(data)
 
     def _image_labels(self, rows, parsed, n):
         labels = parsed['label0'][:n]
-        bad = ~(np.isfinite(labels) & (labels >= 0) & (labels < _MAX_LABEL))
-        bad[~bad] = labels[~bad] != np.floor(labels[~bad])
+        bad = ~(onp.isfinite(labels) & (labels >= 0) & (labels < _MAX_LABEL))
+        bad[~bad] = labels[~bad] != onp.floor(labels[~bad])
         if bad.any():
-            i = int(np.flatnonzero(bad)[0])
+            i = int(onp.flatnonzero(bad)[0])
             raise _damaged(self.rec_path, int(self._keys[rows[i]]),
                            int(self._offsets[rows[i]]),
                            f'bad label {labels[i]!r}, expected an integer '
                            f'in [0, 2**24)')
-        return labels.astype(np.int64)
+        return labels.astype(onp.int64)
 
     def _check_jpegs(self, offsets, image_size):
         """Check the header of every JPEG, refusing huge or wrong sizes.
@@ -694,11 +694,11 @@ class PackReader:
                             f'{end}) is gone: the file was cut short while '
                             f'it was read', self.rec_path, int(self.keys[i]),
                             begin)
-        return np.frombuffer(data, np.uint8)
+        return onp.frombuffer(data, onp.uint8)
 
     def _release_map(self):
         """Drop the memory map. Views from it keep it alive until they go."""
-        self._bytes = np.empty(0, np.uint8)
+        self._bytes = onp.empty(0, onp.uint8)
         if self._map is not None:
             try:
                 self._map.close()
@@ -735,7 +735,7 @@ def check_num_classes(pack, num_classes=None):
     if num_classes is None:
         num_classes = pack.num_classes
     if isinstance(num_classes, bool) or not isinstance(
-            num_classes, (int, np.integer)) or num_classes < 1 \
+            num_classes, (int, onp.integer)) or num_classes < 1 \
             or num_classes > formats.MAX_CLASSES:
         raise ValueError(f'{pack.rec_path}: the class count must be an '
                          f'integer in 1..{formats.MAX_CLASSES} (MAX_CLASSES), '
@@ -751,5 +751,5 @@ def check_num_classes(pack, num_classes=None):
 
 def _is_range(first, end, low, high):
     """Whether `first` and `end` are integers, low <= first <= end <= high."""
-    return (np.isfinite(first) and np.isfinite(end) and first == int(first)
+    return (onp.isfinite(first) and onp.isfinite(end) and first == int(first)
             and end == int(end) and low <= first <= end <= high)

@@ -43,7 +43,7 @@ import sys
 import time
 
 import cv2
-import numpy as np
+import numpy as onp
 
 from d2l_face import datahub, formats, orphans, temps
 
@@ -57,7 +57,7 @@ SIZE = formats.TEMPLATE_SIZE
 # `formats` keeps it in float32, whose shortest decimals are those, and the
 # stand-in has always drawn from the float64 ones (a float32 value moves a
 # few edges of a few dozen images by a pixel).
-_TEMPLATE = np.array([[float(np.format_float_positional(v)) for v in point]
+_TEMPLATE = onp.array([[float(onp.format_float_positional(v)) for v in point]
                       for point in formats.ARCFACE_TEMPLATE])
 # Identity numbers of the verification and wild faces start far above any
 # training label, so they can never be training identities.
@@ -81,8 +81,8 @@ BEARDS = (None, None, None, None, 'moustache', 'goatee', 'full')
 
 def _pick(rng, palette, jitter):
     """A palette color with a little per-channel jitter."""
-    color = np.array(palette[rng.integers(len(palette))], float)
-    return np.clip(color + rng.uniform(-jitter, jitter, 3), 0, 255)
+    color = onp.array(palette[rng.integers(len(palette))], float)
+    return onp.clip(color + rng.uniform(-jitter, jitter, 3), 0, 255)
 
 
 def draw_identity_params(rng, geometry_scale=1.0):
@@ -101,7 +101,7 @@ def draw_identity_params(rng, geometry_scale=1.0):
     hair = _pick(rng, HAIR, 15)
     return {
         'skin': skin, 'hair': hair, 'iris': _pick(rng, IRIS, 15),
-        'lips': np.clip(skin * [0.75, 0.7, 1.0] - [10, 20, 0], 0, 255),
+        'lips': onp.clip(skin * [0.75, 0.7, 1.0] - [10, 20, 0], 0, 255),
         'style': HAIR_STYLES[rng.integers(len(HAIR_STYLES))],
         'hairline': rng.uniform(18, 30), 'volume': rng.uniform(2, 8),
         'part': rng.choice([-1.0, 1.0]),
@@ -150,8 +150,8 @@ def face_landmarks(person, look):
     Turning the head (yaw) slides features sideways by their depth: the nose
     tip furthest, the mouth and eyes less. A smile lifts the mouth corners.
     """
-    pts = np.vstack([person['eyes'], person['nose'], person['mouth']])
-    pts[:, 0] += look['yaw'] * np.array([6, 6, 14, 8, 8])
+    pts = onp.vstack([person['eyes'], person['nose'], person['mouth']])
+    pts[:, 0] += look['yaw'] * onp.array([6, 6, 14, 8, 8])
     pts[3:, 1] -= 2.5 * look['smile']
     return pts
 
@@ -165,14 +165,14 @@ class _Layer:
 
     def __init__(self, ss):
         self.ss = ss
-        self.img = np.zeros((SIZE * ss, SIZE * ss, 3), np.uint8)
-        self.mask = np.zeros((SIZE * ss, SIZE * ss), np.uint8)
+        self.img = onp.zeros((SIZE * ss, SIZE * ss, 3), onp.uint8)
+        self.mask = onp.zeros((SIZE * ss, SIZE * ss), onp.uint8)
 
     def _pt(self, pts):
         # Pixel centers: canonical x maps to canvas (x + 0.5) * ss - 0.5, so
         # the later INTER_AREA downscale brings each point back to x.
-        return np.round(((np.asarray(pts, float) + 0.5) * self.ss - 0.5)
-                        * 16).astype(np.int32)
+        return onp.round(((onp.asarray(pts, float) + 0.5) * self.ss - 0.5)
+                        * 16).astype(onp.int32)
 
     def _len(self, v):
         return int(round(v * self.ss * 16))
@@ -203,37 +203,37 @@ class _Layer:
 
 def _face_outline(p, n=40):
     """Face contour: a superellipse whose lower half has its own jaw power."""
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    s, c = np.sin(t), np.cos(t)
-    power = np.where(c >= 0, 2.2, p['jaw'])
-    height = np.where(c >= 0, 56.0, p['chin'])
-    x = 56 + p['half_width'] * np.sign(s) * np.abs(s) ** (2 / power)
-    y = p['center_y'] - height * np.sign(c) * np.abs(c) ** (2 / power)
-    return np.stack([x, y], 1)
+    t = onp.linspace(0, 2 * onp.pi, n, endpoint=False)
+    s, c = onp.sin(t), onp.cos(t)
+    power = onp.where(c >= 0, 2.2, p['jaw'])
+    height = onp.where(c >= 0, 56.0, p['chin'])
+    x = 56 + p['half_width'] * onp.sign(s) * onp.abs(s) ** (2 / power)
+    y = p['center_y'] - height * onp.sign(c) * onp.abs(c) ** (2 / power)
+    return onp.stack([x, y], 1)
 
 
 def _hair_top(p):
     """Polygon of the hair above the hairline, outside then back along it."""
     a, v, cy = p['half_width'], p['volume'], p['center_y']
-    t = np.linspace(np.pi, 2 * np.pi, 24)
-    outer = np.stack([56 + (a + v) * np.cos(t), cy + (56 + v) * np.sin(t)], 1)
+    t = onp.linspace(onp.pi, 2 * onp.pi, 24)
+    outer = onp.stack([56 + (a + v) * onp.cos(t), cy + (56 + v) * onp.sin(t)], 1)
     if p['style'] == 'curly':  # a bumpy outline reads as curls
-        bumps = 2.5 * np.sin(9 * t)
-        outer += np.stack([bumps * np.cos(t), bumps * np.sin(t)], 1)
-    x = np.linspace(56 + a - 2, 56 - a + 2, 16)
+        bumps = 2.5 * onp.sin(9 * t)
+        outer += onp.stack([bumps * onp.cos(t), bumps * onp.sin(t)], 1)
+    x = onp.linspace(56 + a - 2, 56 - a + 2, 16)
     u = (x - 56) / a
     line = {'short': p['hairline'] + 8 * u ** 2,
-            'fringe': p['hairline'] + 9 + 1.5 * np.cos(12 * u),
+            'fringe': p['hairline'] + 9 + 1.5 * onp.cos(12 * u),
             'side': p['hairline'] + 6 * p['part'] * u + 6 * u ** 2,
-            'long': p['hairline'] + 9 * np.abs(u),
+            'long': p['hairline'] + 9 * onp.abs(u),
             'curly': p['hairline'] + 2 + 6 * u ** 2}[p['style']]
     if p['style'] == 'long':  # strands fall past the cheeks to the jaw
         sides = [[56 + a - 1, cy + 28], [56 + a - 5, cy]]
     else:
         sides = [[56 + a - 1, cy - 10]]
-    inner = np.vstack([sides, np.stack([x, line], 1),
-                       np.array(sides[::-1]) * [-1, 1] + [112, 0]])
-    return np.vstack([outer, inner])
+    inner = onp.vstack([sides, onp.stack([x, line], 1),
+                       onp.array(sides[::-1]) * [-1, 1] + [112, 0]])
+    return onp.vstack([outer, inner])
 
 
 def _draw_head(L, p, look, lm):
@@ -253,8 +253,8 @@ def _draw_head(L, p, look, lm):
     L.poly(outline, skin, solid=True)
     if p['beard'] == 'full':
         below = outline[outline[:, 1] > lm[3, 1] - 6]
-        angle = np.arctan2(below[:, 1] - 60, below[:, 0] - 56)
-        below = below[np.argsort(angle)]  # the jaw from right to left
+        angle = onp.arctan2(below[:, 1] - 60, below[:, 0] - 56)
+        below = below[onp.argsort(angle)]  # the jaw from right to left
         L.poly(below, hair)
 
 
@@ -301,10 +301,10 @@ def _draw_features(L, p, look, lm):
             L.ellipse(iris + [-0.8, -0.8], (0.6, 0.6), (255, 255, 255))
             L.ellipse(c, (width, eh), dark * 0.5, arc=(180, 360), t=0.9)
         brow_y = c[1] - p['brow_gap'] - look['raise']
-        xs = np.linspace(-0.45, 0.55, 6) * p['brow_len']
+        xs = onp.linspace(-0.45, 0.55, 6) * p['brow_len']
         ys = (brow_y + p['brow_tilt'] * xs / p['brow_len']
               - p['brow_arch'] * (1 - (2 * xs / p['brow_len']) ** 2))
-        L.line(np.stack([c[0] + side * xs, ys], 1), p['hair'] * 0.7,
+        L.line(onp.stack([c[0] + side * xs, ys], 1), p['hair'] * 0.7,
                p['brow_thick'])
 
 
@@ -365,14 +365,14 @@ def draw_face(person, look, ss=2):
 def _similarity(scale, angle_deg, center, target):
     """2x3 matrix: turn and scale about `center`, then move it to `target`."""
     M = cv2.getRotationMatrix2D(tuple(map(float, center)), angle_deg, scale)
-    M[:, 2] += np.asarray(target, float) - center
+    M[:, 2] += onp.asarray(target, float) - center
     return M
 
 
 @functools.lru_cache(maxsize=4)
 def _grid(h, w):
     """Pixel coordinates relative to the image center, in half-widths."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = onp.mgrid[0:h, 0:w].astype(onp.float32)
     r = max(h, w) / 2
     return (xx - w / 2) / r, (yy - h / 2) / r
 
@@ -380,18 +380,18 @@ def _grid(h, w):
 def _ramp(h, w, angle):
     """A linear ramp across the image, -1..1 along the direction `angle`."""
     xx, yy = _grid(h, w)
-    return np.float32(np.cos(angle)) * xx + np.float32(np.sin(angle)) * yy
+    return onp.float32(onp.cos(angle)) * xx + onp.float32(onp.sin(angle)) * yy
 
 
 def _background(rng, h, w, clutter):
     """A two-color gradient with random shapes: clutter to ignore."""
-    a, b = rng.uniform(0, 255, (2, 3)).astype(np.float32)
-    t = 0.5 + 0.35 * _ramp(h, w, rng.uniform(0, 2 * np.pi))
-    img = (a + (b - a) * t[..., None]).astype(np.uint8)
+    a, b = rng.uniform(0, 255, (2, 3)).astype(onp.float32)
+    t = 0.5 + 0.35 * _ramp(h, w, rng.uniform(0, 2 * onp.pi))
+    img = (a + (b - a) * t[..., None]).astype(onp.uint8)
     for _ in range(rng.integers(clutter // 2, clutter + 1)):
         color = tuple(map(float, rng.uniform(0, 255, 3)))
         x0, y0 = rng.uniform(0, [w, h]).astype(int)
-        x1, y1 = (np.array([x0, y0])
+        x1, y1 = (onp.array([x0, y0])
                   + rng.uniform(-0.4, 0.4, 2) * [w, h]).astype(int)
         kind = rng.integers(3)
         if kind == 0:
@@ -407,9 +407,9 @@ def _place(img, mask, bg, M, shape):
     """Warp a canonical face and its mask by M and lay it over `bg`."""
     size = (shape[1], shape[0])
     face = cv2.warpAffine(img, M, size, flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+                          borderMode=cv2.BORDER_REPLICATE).astype(onp.float32)
     alpha = cv2.warpAffine(mask, M, size, flags=cv2.INTER_LINEAR)
-    alpha = alpha.astype(np.float32)[..., None] / 255
+    alpha = alpha.astype(onp.float32)[..., None] / 255
     return bg + (face - bg) * alpha
 
 
@@ -425,18 +425,18 @@ def _light_and_noise(rng, img, strength):
     img += mean
     gain = rng.uniform(1 - 0.45 * strength, 1 + 0.3 * strength)
     cast = rng.uniform(1 - 0.3 * strength, 1 + 0.3 * strength, 3)
-    img *= (gain * cast).astype(np.float32)
-    light = 1 + np.float32(rng.uniform(0, 0.6 * strength)) * _ramp(
-        h, w, rng.uniform(0, 2 * np.pi))
+    img *= (gain * cast).astype(onp.float32)
+    light = 1 + onp.float32(rng.uniform(0, 0.6 * strength)) * _ramp(
+        h, w, rng.uniform(0, 2 * onp.pi))
     img *= light[..., None]
-    img += (rng.uniform(-20, 20, 3) * strength).astype(np.float32)
+    img += (rng.uniform(-20, 20, 3) * strength).astype(onp.float32)
     if rng.random() < 0.3 * strength:
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.4, 1.1))
-    noise = rng.standard_normal(img.shape, dtype=np.float32)
-    noise *= np.float32(rng.uniform(1, 6))
+    noise = rng.standard_normal(img.shape, dtype=onp.float32)
+    noise *= onp.float32(rng.uniform(1, 6))
     img += noise
     img += 0.5
-    return np.clip(img, 0, 255, out=img).astype(np.uint8)
+    return onp.clip(img, 0, 255, out=img).astype(onp.uint8)
 
 
 def render_image(person, rng):
@@ -447,9 +447,9 @@ def render_image(person, rng):
     mask = cv2.resize(mask, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
     # Residual pose of an imperfect alignment: small turn, zoom and shift.
     center = _TEMPLATE.mean(0)
-    M = _similarity(rng.uniform(0.9, 1.1), np.clip(rng.normal(0, 6), -15, 15),
-                    center, center + np.clip(rng.normal(0, 3, 2), -8, 8))
-    out = _place(img, mask, _background(rng, SIZE, SIZE, 8).astype(np.float32),
+    M = _similarity(rng.uniform(0.9, 1.1), onp.clip(rng.normal(0, 6), -15, 15),
+                    center, center + onp.clip(rng.normal(0, 3, 2), -8, 8))
+    out = _place(img, mask, _background(rng, SIZE, SIZE, 8).astype(onp.float32),
                  M, (SIZE, SIZE))
     if look['occluder'] == 'bar':  # never tall enough to hide eyes and mouth
         x, y = rng.uniform(0, SIZE, 2)
@@ -466,19 +466,19 @@ def render_wild(person, rng, size=(400, 300)):
     side = rng.uniform(80, 180)  # on-scene size of the 112 px crop
     angle = rng.uniform(-30, 30)
     img, mask = draw_face(person, look)  # 2x canvas: 224 px > any `side`
-    n = int(np.ceil(side))
+    n = int(onp.ceil(side))
     img = cv2.resize(img, (n, n), interpolation=cv2.INTER_AREA)
     mask = cv2.resize(mask, (n, n), interpolation=cv2.INTER_AREA)
     # Fade the shoulders out so the canvas border does not show in the scene.
-    fade = np.clip((1 - np.arange(n) / n) / 0.12, 0, 1)
-    mask = (mask * fade[:, None]).astype(np.uint8)
+    fade = onp.clip((1 - onp.arange(n) / n) / 0.12, 0, 1)
+    mask = (mask * fade[:, None]).astype(onp.uint8)
     center = _TEMPLATE.mean(0)
     target = rng.uniform(0.6 * side, [w - 0.6 * side, h - 0.6 * side])
     M = _similarity(side / SIZE, angle, center, target)  # canonical -> scene
     k = n / SIZE  # resized pixel centers: r = (x + 0.5) * k - 0.5
-    to_canon = np.array([[1 / k, 0, 0.5 / k - 0.5], [0, 1 / k, 0.5 / k - 0.5],
+    to_canon = onp.array([[1 / k, 0, 0.5 / k - 0.5], [0, 1 / k, 0.5 / k - 0.5],
                          [0, 0, 1]])
-    out = _place(img, mask, _background(rng, h, w, 30).astype(np.float32),
+    out = _place(img, mask, _background(rng, h, w, 30).astype(onp.float32),
                  M @ to_canon, (h, w))
     lm = face_landmarks(person, look) @ M[:, :2].T + M[:, 2]
     return _light_and_noise(rng, out, 0.4), lm
@@ -492,13 +492,13 @@ def _jpeg(img, quality):
 
 
 def _person(seed, identity, geometry_scale=1.0):
-    rng = np.random.default_rng([seed, _IDENTITY, identity])
+    rng = onp.random.default_rng([seed, _IDENTITY, identity])
     return draw_identity_params(rng, geometry_scale)
 
 
 def image_bytes(seed, identity, index):
     """JPEG bytes of image `index` of `identity` (training or validation)."""
-    rng = np.random.default_rng([seed, _IMAGE, identity, index])
+    rng = onp.random.default_rng([seed, _IMAGE, identity, index])
     return _jpeg(*render_image(_person(seed, identity), rng))
 
 
@@ -592,7 +592,7 @@ def _pair_plan(seed, num_pairs):
     """
     ids = validation_identities(num_pairs)
     n, half = len(ids), num_pairs // 2
-    rng = np.random.default_rng([seed, _PAIRS])
+    rng = onp.random.default_rng([seed, _PAIRS])
     plan = [((ids[i % n], 2 * (i // n)), (ids[i % n], 2 * (i // n) + 1), True)
             for i in range(half)]
     for j in range(half):
@@ -623,11 +623,11 @@ def make_wild(seed, num_wild, out_dir):
     landmarks = {}
     for i in range(num_wild):
         person = _person(seed, WILD_ID_OFFSET + i, geometry_scale=0.2)
-        img, lm = render_wild(person, np.random.default_rng([seed, _WILD, i]))
+        img, lm = render_wild(person, onp.random.default_rng([seed, _WILD, i]))
         name = f'wild_{i:03d}.jpg'
         with open(os.path.join(out_dir, name), 'wb') as f:
             f.write(_jpeg(img, 90))
-        landmarks[name] = np.round(lm, 3).tolist()
+        landmarks[name] = onp.round(lm, 3).tolist()
     with open(os.path.join(out_dir, 'landmarks.json'), 'w') as f:
         json.dump(landmarks, f, indent=1, sort_keys=True)
 
@@ -635,7 +635,7 @@ def make_wild(seed, num_wild, out_dir):
 def _check_args(seed, **counts):
     """Check that `seed` and the `counts` given are ints in their range."""
     for name, value in [('seed', seed), *counts.items()]:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, bool) or not isinstance(value, (int, onp.integer)):
             raise ValueError(f'{name} must be an int, not {value!r}')
     if seed < 0:
         raise ValueError(f'seed must be >= 0, not {seed}')

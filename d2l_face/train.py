@@ -43,7 +43,7 @@ import os
 import sys
 import time
 
-import numpy as np
+import numpy as onp
 import torch
 import tqdm
 from torch import distributed as dist
@@ -113,7 +113,7 @@ class GlobalBatches:
         """(image indices, flips) of part `index` of step `step`."""
         state = self.state_dict(step)
         if state['epoch'] != self.epoch:
-            rng = np.random.default_rng([self.seed, state['epoch']])
+            rng = onp.random.default_rng([self.seed, state['epoch']])
             self.epoch = state['epoch']
             self._order = (rng.permutation(self.num_images),
                            rng.random(self.num_images) < 0.5)
@@ -257,7 +257,7 @@ class Trainer:
         for m, (X, y) in enumerate(parts):
             X, y = X.to(self.device, self.dtype), y.to(self.device)
             generator = torch.Generator().manual_seed(int(
-                np.random.SeedSequence([cfg['seed'], step, dist.get_rank(),
+                onp.random.SeedSequence([cfg['seed'], step, dist.get_rank(),
                                         m]).generate_state(1)[0]))
             last = m == len(parts) - 1
             with contextlib.nullcontext() if last else self.model.no_sync():
@@ -295,9 +295,9 @@ class Trainer:
 
 def rng_states():
     """The random states, as tensors and numbers: loaded without pickle."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = onp.random.get_state()
     return {'torch': torch.get_rng_state(),
-            'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+            'numpy': [kind, torch.from_numpy(keys.astype(onp.int64)), pos,
                       has_gauss, gauss],
             'cuda': (torch.cuda.get_rng_state_all()
                      if torch.cuda.is_available() else None)}
@@ -306,7 +306,7 @@ def rng_states():
 def set_rng_states(states):
     torch.set_rng_state(states['torch'])
     kind, keys, pos, has_gauss, gauss = states['numpy']
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos,
+    onp.random.set_state((kind, keys.numpy().astype(onp.uint32), pos,
                          has_gauss, gauss))
     if states['cuda'] is not None:
         torch.cuda.set_rng_state_all(states['cuda'])

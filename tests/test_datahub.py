@@ -13,7 +13,7 @@ import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
+import numpy as onp
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
@@ -492,7 +492,7 @@ ISSAME = [True, False, True]
 
 def test_bin_round_trip(tmp_path):
     path = tmp_path / 'lfw.bin'
-    save_bin_pairs(path, BINS, [np.bool_(s) for s in ISSAME])
+    save_bin_pairs(path, BINS, [onp.bool_(s) for s in ISSAME])
     bins, issame = load_bin_pairs(path)
     assert bins == BINS and issame == ISSAME
     assert all(type(s) is bool for s in issame)
@@ -502,8 +502,8 @@ def test_bin_round_trip(tmp_path):
 @pytest.mark.parametrize('protocol', [2, 4])
 def test_bin_with_numpy_bools(tmp_path, protocol):
     # Protocol 2 also stores bytes through _codecs.encode.
-    path = tmp_path / 'np.bin'
-    path.write_bytes(pickle.dumps((BINS, [np.bool_(s) for s in ISSAME]), protocol))
+    path = tmp_path / 'onp.bin'
+    path.write_bytes(pickle.dumps((BINS, [onp.bool_(s) for s in ISSAME]), protocol))
     bins, issame = load_bin_pairs(path)
     assert bins == BINS and issame == ISSAME and all(type(s) is bool for s in issame)
 
@@ -573,7 +573,7 @@ def test_memo_bomb_is_refused_cheaply(tmp_path):
     (([bytearray(b) for b in BINS], ISSAME), 'bytearray'),
     (([], []), 'no pairs'),
     ((BINS, 'TFT'), 'must be lists'),
-    ((BINS, np.array(ISSAME)), 'refusing to load the global'),
+    ((BINS, onp.array(ISSAME)), 'refusing to load the global'),
 ])
 def test_bin_wrong_structure(tmp_path, obj, problem):
     path = tmp_path / 'bad.bin'

@@ -2,7 +2,7 @@
 import os
 
 import cv2
-import numpy as np
+import numpy as onp
 import pytest
 from hypothesis import given, strategies as st
 
@@ -10,7 +10,7 @@ from d2l_face import formats
 
 
 def jpeg(height, width, **flags):
-    image = np.full((height, width, 3), 128, np.uint8)
+    image = onp.full((height, width, 3), 128, onp.uint8)
     params = [cv2.IMWRITE_JPEG_PROGRESSIVE, 1] if flags.get('progressive') \
         else []
     return cv2.imencode('.jpg', image, params)[1].tobytes()
@@ -27,7 +27,7 @@ def with_claimed_size(data, height, width):
 
 def test_template_is_the_arcface_template_of_112_crops():
     assert formats.ARCFACE_TEMPLATE.shape == (5, 2)
-    assert formats.ARCFACE_TEMPLATE.dtype == np.float32
+    assert formats.ARCFACE_TEMPLATE.dtype == onp.float32
     # Eyes above the nose above the mouth, left points left of right ones.
     t = formats.ARCFACE_TEMPLATE
     assert t[0, 0] < t[1, 0] and t[3, 0] < t[4, 0]
@@ -147,7 +147,7 @@ def test_a_frame_hidden_behind_ff00_is_not_taken_for_another():
     # libjpeg drops FF 00 as stray data and decodes the hidden frame; a
     # reader that skips it by its "length" would see only the shown one.
     data = smuggled((1500, 1500))
-    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    decoded = cv2.imdecode(onp.frombuffer(data, onp.uint8), cv2.IMREAD_COLOR)
     assert decoded is not None and decoded.shape[:2] == (1500, 1500)
     assert formats.jpeg_size(data) is None
     with pytest.raises(ValueError, match='not a JPEG'):

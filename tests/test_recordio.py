@@ -12,7 +12,7 @@ import sys
 
 import cv2
 import mxnet as mx
-import numpy as np
+import numpy as onp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,8 +28,8 @@ SIZE = 16  # small crops keep the packs small and the tests fast
 
 
 def make_jpeg(seed, size=SIZE):
-    image = np.random.default_rng(seed).integers(0, 256, (size, size, 3),
-                                                  dtype=np.uint8)
+    image = onp.random.default_rng(seed).integers(0, 256, (size, size, 3),
+                                                  dtype=onp.uint8)
     return cv2.imencode('.jpg', image)[1].tobytes()
 
 
@@ -112,7 +112,7 @@ def test_mxnet_reads_what_we_write(tmp_path, layout, label_vector):
     for i, (label, jpeg) in enumerate(zip(LABELS, JPEGS)):
         header, data = mx.recordio.unpack(rec.read_idx(first + i))
         assert data == jpeg
-        assert np.ravel(header.label)[0] == label
+        assert onp.ravel(header.label)[0] == label
         assert header.flag == (1 if label_vector else 0)
     if layout == 'insightface':  # read key 0 as arcface_torch does
         header, _ = mx.recordio.unpack(rec.read_idx(0))
@@ -256,7 +256,7 @@ def test_empty_pack(tmp_path, layout):
     assert write_pack(prefix, [], layout) == 0
     with PackReader(prefix) as reader:
         assert len(reader) == 0 and reader.num_classes == 0
-        assert reader.labels.dtype == np.int64
+        assert reader.labels.dtype == onp.int64
         with pytest.raises(IndexError):
             reader.jpeg(0)
 
@@ -274,7 +274,7 @@ def pack(tmp_path):
 def test_jpegs_are_read_only_arrays(pack):
     with PackReader(pack) as reader:
         view = reader.jpeg(0)
-        assert view.dtype == np.uint8 and not view.flags.writeable
+        assert view.dtype == onp.uint8 and not view.flags.writeable
         with pytest.raises(ValueError):
             view[0] = 0
     assert bytes(view) == JPEGS[0]  # still valid after close
@@ -564,7 +564,7 @@ def test_identity_ranges_must_tile_the_images_by_label(pack, ranges,
 
 def test_every_image_header_is_checked(tmp_path):
     """Same-encoder headers are recognized, yet a later odd one is caught."""
-    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    image = onp.zeros((SIZE, SIZE, 3), onp.uint8)
     jpegs = [cv2.imencode('.jpg', image + i, [cv2.IMWRITE_JPEG_QUALITY, q])[1]
              .tobytes() for i, q in enumerate([95] * 5 + [60, 95])]
     jpegs.append(make_jpeg(0, size=SIZE + 4))

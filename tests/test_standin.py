@@ -4,7 +4,7 @@ import os
 import pickle
 
 import cv2
-import numpy as np
+import numpy as onp
 import pytest
 
 from d2l_face import datahub, formats, standin
@@ -20,7 +20,7 @@ def medium(tmp_path_factory):
 
 
 def decode(data):
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    img = cv2.imdecode(onp.frombuffer(data, onp.uint8), cv2.IMREAD_COLOR)
     assert img is not None, 'not a decodable image'
     return img
 
@@ -39,10 +39,10 @@ def all_files(root):
 
 def best_threshold_accuracy(scores, issame):
     """Accuracy of the best rule "same person iff score > t"."""
-    order = np.argsort(scores)
-    same = np.asarray(issame, bool)[order]
-    same_above = np.concatenate([[same.sum()], same.sum() - np.cumsum(same)])
-    diff_below = np.concatenate([[0], np.cumsum(~same)])
+    order = onp.argsort(scores)
+    same = onp.asarray(issame, bool)[order]
+    same_above = onp.concatenate([[same.sum()], same.sum() - onp.cumsum(same)])
+    diff_below = onp.concatenate([[0], onp.cumsum(~same)])
     return float(((same_above + diff_below) / len(same)).max())
 
 
@@ -154,9 +154,9 @@ def umeyama(src, dst):
     """Least-squares similarity (A, t) with dst ~ src @ A.T + t."""
     mu_s, mu_d = src.mean(0), dst.mean(0)
     s, d = src - mu_s, dst - mu_d
-    u, sig, vt = np.linalg.svd(d.T @ s)
-    flip = np.diag([1.0, np.sign(np.linalg.det(u @ vt))])
-    A = u @ flip @ vt * (np.trace(np.diag(sig) @ flip) / (s ** 2).sum())
+    u, sig, vt = onp.linalg.svd(d.T @ s)
+    flip = onp.diag([1.0, onp.sign(onp.linalg.det(u @ vt))])
+    A = u @ flip @ vt * (onp.trace(onp.diag(sig) @ flip) / (s ** 2).sum())
     return A, mu_d - A @ mu_s
 
 
@@ -169,31 +169,31 @@ def test_wild_landmarks(medium):
     for name, points in landmarks.items():
         img = cv2.imread(os.path.join(wild, name))
         h, w = img.shape[:2]
-        points = np.array(points)
+        points = onp.array(points)
         assert points.shape == (5, 2) and w > 112 and h > 112
         assert (points >= 0).all() and (points[:, 0] < w).all() \
             and (points[:, 1] < h).all()
         assert points[0, 0] < points[1, 0] or abs(points[0, 1] - points[1, 1]) > 0
         A, t = umeyama(points, formats.ARCFACE_TEMPLATE)
-        error = np.linalg.norm(points @ A.T + t - formats.ARCFACE_TEMPLATE,
+        error = onp.linalg.norm(points @ A.T + t - formats.ARCFACE_TEMPLATE,
                                axis=1)
         assert error.mean() < 1.5, (name, error)
 
 
 def test_unperturbed_face_sits_on_the_template():
-    person = standin.draw_identity_params(np.random.default_rng(0),
+    person = standin.draw_identity_params(onp.random.default_rng(0),
                                           geometry_scale=0)
-    look = standin.draw_look(np.random.default_rng(0), wild=True)
-    assert np.allclose(standin.face_landmarks(person, look),
+    look = standin.draw_look(onp.random.default_rng(0), wild=True)
+    assert onp.allclose(standin.face_landmarks(person, look),
                        formats.ARCFACE_TEMPLATE)
 
 
 def test_raw_pixels_do_not_solve_verification():
     bins, issame = standin.make_verification_pairs(seed=0, num_pairs=600)
     assert len(issame) == 600 and sum(issame) == 300
-    x = np.stack([decode(b).ravel() for b in bins]).astype(np.float64)
+    x = onp.stack([decode(b).ravel() for b in bins]).astype(onp.float64)
     a, b = x[0::2], x[1::2]
-    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    cosine = (a * b).sum(1) / onp.linalg.norm(a, axis=1) / onp.linalg.norm(b, axis=1)
     accuracy = best_threshold_accuracy(cosine, issame)
     print(f'raw-pixel cosine verification accuracy: {accuracy:.4f}')
     assert accuracy <= 0.75
@@ -204,16 +204,16 @@ def test_identity_survives_the_nuisances():
     def feature(identity, k):
         img = decode(standin.image_bytes(0, identity, k))
         x = cv2.resize(img, (28, 28), interpolation=cv2.INTER_AREA)
-        x = x.astype(np.float32)
+        x = x.astype(onp.float32)
         return ((x - x.mean((0, 1))) / (x.std((0, 1)) + 1e-3)).ravel()
 
     n_id, n_train, n_test = 20, 8, 4
-    f = np.array([[feature(i, k) for k in range(n_train + n_test)]
+    f = onp.array([[feature(i, k) for k in range(n_train + n_test)]
                   for i in range(n_id)])
     centers = f[:, :n_train].mean(1)
     test = f[:, n_train:].reshape(n_id * n_test, -1)
     dist = ((test[:, None] - centers[None]) ** 2).sum(-1)
-    accuracy = (dist.argmin(1) == np.repeat(np.arange(n_id), n_test)).mean()
+    accuracy = (dist.argmin(1) == onp.repeat(onp.arange(n_id), n_test)).mean()
     print(f'nearest-class-mean accuracy over {n_id} identities: {accuracy:.3f}')
     assert accuracy >= 5 / n_id
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+import numpy as onp
 import psutil
 import pytest
 import torch
@@ -154,11 +154,11 @@ def test_model_files_embed_alike(references):
     net.load_state_dict(torch.load(references['two'] / 'model.pt',
                                    weights_only=True))
     onnx_model = onnxrun.EmbeddingModel(str(references['two'] / 'model.onnx'))
-    faces = np.random.default_rng(0).integers(0, 256, (2, 3, 112, 112),
-                                              dtype=np.uint8)
+    faces = onp.random.default_rng(0).integers(0, 256, (2, 3, 112, 112),
+                                              dtype=onp.uint8)
     with torch.no_grad():
         expected = net.eval()(torch.from_numpy(faces).float() / 255).numpy()
-    assert np.allclose(onnx_model.embed(faces), expected, atol=1e-4)
+    assert onp.allclose(onnx_model.embed(faces), expected, atol=1e-4)
 
 
 def test_sigkill_at_random_step_then_resume(data_dir, references, tmp_path):
