@@ -1,9 +1,19 @@
+"""Fixtures shared by every test file; plain helpers live in synthetic.py.
+
+The tests are laid out as the project is: `tests/modules/` holds one file per
+hand-written module of `d2l_face`, `tests/sections/` one file per section of
+the chapter (each run over both tabs through the `d2lf` fixture), and this
+folder the checks on the book as a whole.
+"""
 import os
-import shutil
+import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Test files in the subfolders import `synthetic` from here.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from synthetic import NUM_CLASSES, PER_CLASS, REPO  # noqa: E402
 
 
 @pytest.fixture(scope='session')
@@ -11,23 +21,11 @@ def repo_root():
     return REPO
 
 
-# A small stand-in shared by the test files: NUM_CLASSES x PER_CLASS images.
-NUM_CLASSES, PER_CLASS = 6, 5
-
-
 @pytest.fixture(scope='session')
 def standin_root(tmp_path_factory):
+    """A small stand-in shared by the test files: NUM_CLASSES x PER_CLASS."""
     from d2l_face import standin
     root = tmp_path_factory.mktemp('standin')
     standin.generate(str(root), num_classes=NUM_CLASSES,
                      images_per_class=PER_CLASS, num_val_pairs=20, num_wild=8)
     return root
-
-
-def packless_copy(standin_root, tmp_path):
-    """A private copy of the small stand-in (without any pack), as a str."""
-    from d2l_face import standin
-    copy = tmp_path / 'faces'
-    shutil.copytree(standin_root / standin.DATASET_DIR, copy,
-                    ignore=shutil.ignore_patterns('train.*'))
-    return str(copy)

@@ -1,8 +1,25 @@
 """Framework-free test data and a deadline, shared by both tabs' tests."""
 import contextlib
+import os
+import shutil
 import signal
 
 import numpy as onp
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The small stand-in of conftest's `standin_root`: NUM_CLASSES x PER_CLASS.
+NUM_CLASSES, PER_CLASS = 6, 5
+
+
+def packless_copy(standin_root, tmp_path):
+    """A private copy of the small stand-in (without any pack), as a str."""
+    from d2l_face import standin
+    copy = tmp_path / 'faces'
+    shutil.copytree(standin_root / standin.DATASET_DIR, copy,
+                    ignore=shutil.ignore_patterns('train.*'))
+    return str(copy)
 
 
 # What "raises at once" allows before a test calls it a hang: generous, so

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import REPO
+from synthetic import REPO
 
 MAX_CELL_LINES = 40  # d2l-en's longest cells are about this long
 SECTIONS = sorted(glob.glob(os.path.join(REPO, 'chapter_face_recognition',

@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from conftest import REPO
+from synthetic import REPO
 from d2l_face import cluster
 
 SLEEP = ['-c', 'import time; time.sleep(600)']

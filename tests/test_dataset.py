@@ -12,7 +12,7 @@ from skimage import transform as skimage_transform
 from d2l_face import datahub, formats, standin
 from d2l_face import mxnet as d2lf
 
-from conftest import NUM_CLASSES, PER_CLASS
+from synthetic import NUM_CLASSES, PER_CLASS
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from d2l_face import recordio
 from d2l_face import mxnet as d2lf_mx
 from d2l_face import torch as d2lf
 
-from conftest import NUM_CLASSES, PER_CLASS, packless_copy
+from synthetic import NUM_CLASSES, PER_CLASS, packless_copy
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from synthetic import REPO
 
 
 def build_lib_in_copy(tmp_path):

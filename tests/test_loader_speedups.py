@@ -18,7 +18,7 @@ import pytest
 from d2l_face import packs, recordio, temps
 from d2l_face import mxnet as d2lf
 
-from conftest import NUM_CLASSES, PER_CLASS, packless_copy
+from synthetic import NUM_CLASSES, PER_CLASS, packless_copy
 MAGIC = struct.pack('<I', recordio.MAGIC)
 
 
@@ -564,7 +564,7 @@ def test_a_packer_killed_midway_leaves_what_the_next_run_removes(data_dir):
     import signal
     import subprocess
     import sys
-    from conftest import REPO
+    from synthetic import REPO
     # The child writes part of the pack, then waits to be killed.
     script = (
         'import sys, time\n'

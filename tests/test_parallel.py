@@ -13,7 +13,7 @@ import psutil
 import pytest
 from mxnet import autograd, gluon, np, npx
 
-from conftest import REPO
+from synthetic import REPO
 from d2l_face import cluster
 from d2l_face import mxnet as d2lf
 from d2l_face import standin

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import REPO
+from synthetic import REPO
 from d2l_face import cluster
 from d2l_face import standin
 from d2l_face import torch as d2lf

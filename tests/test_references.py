@@ -5,7 +5,7 @@ import re
 
 from pybtex.database import parse_file
 
-from conftest import REPO
+from synthetic import REPO
 
 CITE = re.compile(r':cite[tp]?:`([^`]+)`')
 

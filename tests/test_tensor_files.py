@@ -11,7 +11,7 @@ import facenet_pytorch
 import pytest
 import torch
 
-from conftest import REPO
+from synthetic import REPO
 from d2l_face import mxnet as d2lf_mxnet
 from d2l_face import temps
 from d2l_face import torch as d2lf

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, packless_copy
+from synthetic import REPO, packless_copy
 from d2l_face import onnxrun, temps
 from d2l_face import torch as d2lf
 from d2l_face import train, train_config

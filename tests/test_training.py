@@ -696,7 +696,7 @@ def tiny_face_net_and_margin(num_classes=4):
 
 @pytest.mark.parametrize('plot', [False, True])
 def test_fewer_images_than_a_batch_raise_at_once(standin_root, plot):
-    from conftest import NUM_CLASSES, PER_CLASS
+    from synthetic import NUM_CLASSES, PER_CLASS
     data_dir = os.path.join(standin_root, 'faces-casia-ultrasmall')
     num_images = NUM_CLASSES * PER_CLASS
     train_iter, verification_sets = d2lf.load_data_facerec(

@@ -344,7 +344,7 @@ def test_train_on_small_standin_through_the_data_loader(standin_root):
 
 @pytest.mark.parametrize('plot', [False, True])
 def test_fewer_images_than_a_batch_raise_at_once(standin_root, plot):
-    from conftest import NUM_CLASSES, PER_CLASS
+    from synthetic import NUM_CLASSES, PER_CLASS
     data_dir = os.path.join(standin_root, 'faces-casia-ultrasmall')
     num_images = NUM_CLASSES * PER_CLASS
     train_iter, verification_sets = d2lf.load_data_facerec(
