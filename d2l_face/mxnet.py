@@ -23,7 +23,7 @@ from mxnet.gluon import nn
 from mxnet.gluon.data.vision import transforms
 
 import d2l_face
-from d2l_face import datahub, formats, packs, recordio, standin, temps
+from d2l_face import checks, datahub, formats, packs, recordio, standin, temps
 
 npx.set_np()
 

@@ -30,8 +30,8 @@ from torch.nn import functional as F
 from torchvision import transforms
 
 import d2l_face
-from d2l_face import (datahub, formats, onnxrun, packs, recordio, standin,
-                      temps)
+from d2l_face import (checks, datahub, formats, onnxrun, packs, recordio,
+                      standin, temps)
 
 #################   WARNING   ################
 # The below part is generated automatically through:
