@@ -2,12 +2,17 @@
 import glob
 import os
 import re
+import statistics
 
 import pytest
 
 from synthetic import REPO
 
 MAX_CELL_LINES = 40  # d2l-en's longest cells are about this long
+# d2l-en's sections run to about 480 Markdown lines and its typical cell to 6
+# lines; ours may be longer, as each holds two tabs, but not twice as long.
+MAX_SECTION_LINES = 1000
+MAX_MEDIAN_CELL_LINES = 8
 SECTIONS = sorted(glob.glob(os.path.join(REPO, 'chapter_face_recognition',
                                          '*.md')))
 GENERATED = {os.path.join('d2l_face', 'mxnet.py'),
@@ -64,6 +69,25 @@ def test_no_code_cell_a_reader_must_scroll_past(section):
         f'{os.path.basename(section)}: code cells longer than '
         f'{MAX_CELL_LINES} lines at (line, length) {long_cells}; split them '
         f'or move machinery into a module of d2l_face')
+
+
+@pytest.mark.parametrize('section', SECTIONS, ids=os.path.basename)
+def test_a_section_stays_at_the_books_scale(section):
+    with open(section, encoding='utf-8') as f:
+        num_lines = len(f.read().splitlines())
+    assert num_lines <= MAX_SECTION_LINES, (
+        f'{os.path.basename(section)} has {num_lines} lines; split it where '
+        f'it teaches two things')
+
+
+def test_a_typical_code_cell_is_short():
+    lengths = []
+    for section in SECTIONS:
+        with open(section, encoding='utf-8') as f:
+            lengths += [n for _, n in code_cells(f.read())]
+    assert statistics.median(lengths) <= MAX_MEDIAN_CELL_LINES, (
+        f'the median code cell of the chapter has '
+        f'{statistics.median(lengths)} lines')
 
 
 @pytest.mark.parametrize('literal', [
