@@ -200,9 +200,8 @@ def writing(path, mode='wb', suffix=''):
     """Yield a new file whose content becomes `path` when the block ends.
 
     The file is written under a temporary name beside `path` (ending in
-    `suffix`) and renamed
-    over it only after the block ended normally and the data reached the
-    disk, so `path` holds the old content or the whole new one, never a
+    `suffix`) and renamed over it only after the block ended normally and
+    the data reached the disk, so `path` holds the old content or the whole new one, never a
     part (a full disk, an exception or a kill midway leaves the old file,
     and the temporary goes now or at the next run's :func:`remove_stale`).
     A link at `path` is replaced, not followed."""

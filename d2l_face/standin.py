@@ -28,9 +28,10 @@ files whatever the order or the number of worker processes.
 
 Each folder is built under a temporary name and moved into place
 (``d2l_face.publish``). The stand-in replaces only folders it made itself
-(they carry its marker); it refuses, with ``publish.ForeignError``, to touch
-any other folder of the same name. Run ``python -m d2l_face.standin --root DIR [--wild-only]`` to
-generate from the shell.
+(they carry its marker); it refuses, with ``publish.ForeignError``, to
+touch any other folder of the same name. Run
+``python -m d2l_face.standin --root DIR [--wild-only]`` to generate from
+the shell.
 """
 import argparse
 import contextlib
@@ -291,8 +292,8 @@ def _is_complete(root, kind, params):
     (edited, cut, or written by another version) proves nothing."""
     folder = os.path.join(root, _FOLDERS[kind])
     marker = _own_marker(folder, kind)
-    return marker is not None and publish.same_json(marker,
-                                             _expected_marker(kind, params))
+    return marker is not None and publish.same_json(
+        marker, _expected_marker(kind, params))
 
 
 def _legacy_owned(root):
@@ -416,6 +417,7 @@ def _generate(root, kind, params, force, build):
     """Build the folder of `kind` with `build(folder)` unless it is current."""
     if os.path.isdir(root):  # what killed runs left, even when all is built
         publish.remove_stale(root, _TMP_PREFIX)
+        publish.remove_stale(root)  # and put back what a killed move set aside
     if not force and _is_complete(root, kind, params):
         return
     if getattr(multiprocessing.current_process(), '_inheriting', False):
@@ -484,10 +486,6 @@ def _build_dataset(out, params, workers):
             shown = done
     path = os.path.join(out, 'lfw_small.bin')
     binsets.save_bin_pairs(path, *_assemble_pairs(plan, jpeg))
-    # save_bin_pairs writes through a private temporary file (mode 0o600);
-    # give the set the mode every other file got from the umask.
-    mode = os.stat(os.path.join(out, formats.PROPERTY_FILE)).st_mode
-    os.chmod(path, stat.S_IMODE(mode))
     print(f'stand-in: {len(plan)} verification pairs', file=sys.stderr)
 
 

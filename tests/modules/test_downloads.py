@@ -546,9 +546,10 @@ COMPRESS = {'.tar': lambda b: b, '.tar.gz': gzip.compress,
             '.tar.bz2': bz2.compress, '.tar.xz': lzma.compress}
 
 
-def ustar_bytes(members=MEMBERS):
+def members_tar(members=MEMBERS, format=tarfile.USTAR_FORMAT):
+    """A plain tar of `members` ({name: bytes}) in memory."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode='w', format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=buf, mode='w', format=format) as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -556,7 +557,7 @@ def ustar_bytes(members=MEMBERS):
     return buf.getvalue()
 
 
-PLAIN_TAR = ustar_bytes()
+PLAIN_TAR = members_tar()
 HEADERS = [m.offset for m in tarfile.open(fileobj=io.BytesIO(PLAIN_TAR)).getmembers()]
 END = HEADERS[-1] + 2 * 512  # the first end-of-archive block: 'c.txt' fits one block
 
@@ -741,16 +742,6 @@ def test_a_tar_split_over_several_streams_extracts(work, suffix):
 
 # ---------------------------------------------------------------- every failure is ours
 
-def tar_bytes_pax(members):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode='w', format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def corrupt_zip(compression):
     data = members_zip(compression=compression)
     return flip(data, in_zip_data(data))
@@ -768,9 +759,10 @@ ESCAPING = {
     'zip-corrupt-bzip2': ('x.zip', lambda: corrupt_zip(zipfile.ZIP_BZIP2), 'x.zip'),
     'zip-name-too-long': ('x.zip', lambda: members_zip({'faces/' + 'n' * 300: b'x'}), '300 bytes'),
     'zip-too-deep': ('x.zip', lambda: members_zip({'d/' * 2100 + 'f': b'x'}), 'too deep'),
-    'tar-name-too-long': ('x.tar', lambda: tar_bytes_pax({'faces/' + 'n' * 300: b'x'}),
-                          '300 bytes'),
-    'tar-too-deep': ('x.tar', lambda: tar_bytes_pax({'d/' * 2100 + 'f': b'x'}), 'too deep'),
+    'tar-name-too-long': ('x.tar', lambda: members_tar(
+        {'faces/' + 'n' * 300: b'x'}, tarfile.PAX_FORMAT), '300 bytes'),
+    'tar-too-deep': ('x.tar', lambda: members_tar(
+        {'d/' * 2100 + 'f': b'x'}, tarfile.PAX_FORMAT), 'too deep'),
     'zip-deep-not-long': ('x.zip', lambda: members_zip({'d/' * 1200 + 'f': b'x'}), 'too deep'),
     'xz-garbage': ('x.tar.xz', lambda: b'\xfd7zXZ\x00' + b'\x01' * 200, 'x.tar.xz'),
 }

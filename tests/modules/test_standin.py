@@ -511,6 +511,18 @@ def test_stale_folders_go_even_when_all_is_built(tmp_path):
     assert not stale.exists()
 
 
+def test_a_folder_a_killed_run_set_aside_comes_back(tmp_path):
+    dataset = standin.generate(str(tmp_path), **TINY)
+    built = os.stat(dataset).st_ino
+    aside = publish.temp_path(str(tmp_path), suffix=publish.ASIDE,
+                              pid=dead_pid())
+    os.mkdir(aside)  # killed between setting the old one aside and the new
+    os.rename(dataset, os.path.join(aside, standin.DATASET_DIR))
+    standin.generate(str(tmp_path), **TINY)
+    assert os.stat(dataset).st_ino == built  # put back, not built again
+    assert not os.path.exists(aside)
+
+
 def test_a_full_disk_still_cleans_up(tmp_path, monkeypatch):
     data_dir = standin.generate(str(tmp_path), **TINY)
     before = tree(tmp_path / 'faces-casia-ultrasmall')
