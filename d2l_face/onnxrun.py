@@ -25,7 +25,7 @@ import numpy as onp
 import onnx
 import onnxruntime
 
-from d2l_face import formats, temps
+from d2l_face import formats, publish
 
 # InsightFace's recognition models take (x - INPUT_MEAN) / INPUT_STD.
 INPUT_MEAN = 127.5
@@ -85,7 +85,7 @@ def write_model(model_bytes, path, metadata):
         model.metadata_props.add(key=key, value=value)
     # Written under a new temporary name and renamed: a reader never sees
     # half a model, and a failed or killed write leaves an older file.
-    with temps.writing(path) as f:
+    with publish.writing(path) as f:
         f.write(model.SerializeToString())
     return path
 

@@ -7,8 +7,8 @@ sizes of the two files and a fingerprint of the sources (a digest of
 ``property`` and of the path, label, size, modification and change times and
 inode of every image: ``os.utime`` can set the modification time back, but
 not the change time, and a file renamed over another has a new inode). The
-marker is read only when it is a regular file itself, never through a link.
-The marker answers two questions:
+marker is read and written as :mod:`d2l_face.publish` reads and writes every
+marker (a bounded regular file, never through a link). It answers two questions:
 
 - *Is the pack fresh?* Only when the marker is complete, of exactly the
   right shape and types, and everything in it matches the folder and the
@@ -16,11 +16,12 @@ The marker answers two questions:
 - *Is the pack ours to replace?* Only when every pack file that exists has
   a size the marker records for it (:func:`foreign_reason`). A pack without
   our marker (InsightFace's, say) or whose files were changed since we
-  wrote them is someone else's: it is only ever read, never replaced, since
-  we could not make it again.
+  wrote them is someone else's: it is only ever read, never replaced
+  (``publish.ForeignError``), since we could not make it again.
 
 A pack is written under temporary names (:func:`staging`, named and cleaned
-up by :mod:`d2l_face.temps`) and renamed into place by :func:`publish`.
+up by :mod:`d2l_face.publish`) and moved into place by :func:`publish`
+(with ``publish.move_all``).
 Just before the renames, the marker is replaced by a *claim* that lists,
 for each file, both its old and its new size: whether the run completes or
 is killed between the renames, the files stay ours (never fresh until the
@@ -28,29 +29,17 @@ complete marker is written). Files get the user's umask.
 """
 import contextlib
 import hashlib
-import json
 import os
 import stat
 
-from d2l_face import formats, temps
+from d2l_face import formats, publish as _publish
 
 MARKER = '.d2l-pack.json'
 FORMAT = 'd2l_face pack'
 VERSION = 1  # the version of the pack and its marker
 FILES = ('.rec', '.idx')
 _SIZE_KEYS = {'.rec': 'rec_bytes', '.idx': 'idx_bytes'}
-_MAX_MARKER_BYTES = 1 << 16
-
-
-class ForeignPackError(FileExistsError):
-    """A pack that d2l_face did not make (or not as it is now): never replaced."""
-
-    def __init__(self, prefix, reason):
-        self.prefix, self.reason = prefix, reason
-        super().__init__(
-            f'{prefix}.rec/.idx: {reason}, so they are only read, never '
-            f'replaced; read them with FaceRecordIter, or pack the folders '
-            f'under another name')
+_MAX_PROPERTY_BYTES = 1 << 16
 
 
 def fingerprint(data_dir, items):
@@ -59,7 +48,7 @@ def fingerprint(data_dir, items):
     `items` is the [(path, label)] list of the images."""
     digest = hashlib.sha1(formats.read_regular_file(
         os.path.join(data_dir, formats.PROPERTY_FILE),
-        max_bytes=_MAX_MARKER_BYTES))
+        max_bytes=_MAX_PROPERTY_BYTES))
     for path, label in items:
         info = os.stat(path)
         line = (f'{os.path.relpath(path, data_dir)}\t{label}\t'
@@ -78,16 +67,6 @@ def _size(path):
     return info.st_size if stat.S_ISREG(info.st_mode) else 'other'
 
 
-def read_marker(prefix):
-    """Return the marker of pack `prefix` as a dict, or None."""
-    try:
-        marker = json.loads(formats.read_regular_file(
-            prefix + MARKER, max_bytes=_MAX_MARKER_BYTES, follow_links=False))
-    except (OSError, ValueError, RecursionError):  # missing, a link, not JSON
-        return None
-    return marker if isinstance(marker, dict) else None
-
-
 def expected_marker(prefix, num_records, sources):
     """The marker a fresh pack `prefix` must carry (None: no such files)."""
     sizes = [_size(prefix + ext) for ext in FILES]
@@ -99,7 +78,7 @@ def expected_marker(prefix, num_records, sources):
 
 def is_fresh(prefix, num_records, sources):
     """Whether pack `prefix` is complete and made from these sources."""
-    marker = read_marker(prefix)
+    marker = _publish.read_marker(prefix + MARKER)
     expected = expected_marker(prefix, num_records, sources)
     if marker is None or expected is None or set(marker) != set(expected):
         return False
@@ -123,7 +102,7 @@ def foreign_reason(prefix):
     for ext, size in sizes.items():
         if size == 'other':
             return f'not made by d2l_face ({prefix}{ext} is not a file)'
-    marker = read_marker(prefix)
+    marker = _publish.read_marker(prefix + MARKER)
     if marker is None or marker.get('format') != FORMAT:
         what = ('no marker' if not os.path.lexists(prefix + MARKER) else
                 f'{os.path.basename(prefix + MARKER)} is not its marker')
@@ -138,41 +117,20 @@ def foreign_reason(prefix):
 
 
 def check_ours(prefix):
-    """Raise ForeignPackError unless pack `prefix` is ours to replace."""
+    """Raise publish.ForeignError unless pack `prefix` is ours to replace."""
     reason = foreign_reason(prefix)
     if reason is not None:
-        raise ForeignPackError(prefix, reason)
-
-
-def _write_json(path, value):
-    """Write `value` to `path` as JSON, whole or not at all."""
-    with temps.writing(path) as f:
-        f.write(json.dumps(value).encode('ascii'))
+        raise _publish.ForeignError(
+            f'{prefix}.rec/.idx', reason, 'Read them with FaceRecordIter, or '
+            'pack the folders under another name.')
 
 
 def remove_stale(prefix):
-    """Remove what killed packers left beside pack `prefix` (d2l_face.temps).
+    """Remove what killed packers left beside pack `prefix` (d2l_face.publish).
 
     Also when the pack itself is fresh, so that a run killed while another
     finished the pack leaves nothing behind for good."""
-    temps.remove_stale(os.path.dirname(prefix) or '.')
-
-
-def move_all(pairs):
-    """Rename each (source, target) pair; on a failure, undo those done.
-
-    So that the targets appear all together or not at all (but for a
-    moment between the renames)."""
-    done = []
-    try:
-        for source, target in pairs:
-            os.replace(source, target)
-            done.append((source, target))
-    except BaseException:
-        for source, target in reversed(done):
-            with contextlib.suppress(OSError):
-                os.replace(target, source)
-        raise
+    _publish.remove_stale(os.path.dirname(prefix) or '.')
 
 
 @contextlib.contextmanager
@@ -186,7 +144,7 @@ def staging(prefix):
     folder, name = os.path.split(prefix)
     folder = folder or '.'
     remove_stale(prefix)
-    tmp = temps.temp_path(folder, suffix='.' + name)
+    tmp = _publish.temp_path(folder, suffix='.' + name)
     try:
         yield tmp
     finally:
@@ -201,14 +159,13 @@ def staging(prefix):
 
 
 def publish(tmp, prefix, num_records, sources):
-    """Rename the pack written under `tmp` to `prefix`; its marker last."""
+    """Move the pack written under `tmp` to `prefix`; its marker last."""
     check_ours(prefix)  # again: someone may have put a pack there meanwhile
     old = {ext: _size(prefix + ext) for ext in FILES}
     new = {ext: _size(tmp + ext) for ext in FILES}
     claim = {'format': FORMAT, 'version': VERSION, 'packing': True}
     claim.update({_SIZE_KEYS[ext]: [old[ext], new[ext]] for ext in FILES})
-    _write_json(prefix + MARKER, claim)
-    for ext in FILES:
-        os.replace(tmp + ext, prefix + ext)
-    _write_json(prefix + MARKER,
-                expected_marker(prefix, num_records, sources))
+    _publish.write_marker(prefix + MARKER, claim)
+    _publish.move_all((tmp + ext, prefix + ext) for ext in FILES)
+    _publish.write_marker(prefix + MARKER,
+                          expected_marker(prefix, num_records, sources))

@@ -30,8 +30,8 @@ from torch.nn import functional as F
 from torchvision import transforms
 
 import d2l_face
-from d2l_face import (checks, datahub, formats, onnxrun, packs, recordio,
-                      standin, temps)
+from d2l_face import (binsets, checks, downloads, formats, onnxrun, packs,
+                      publish, recordio, standin)
 
 #################   WARNING   ################
 # The below part is generated automatically through:
@@ -58,9 +58,9 @@ def get_facerec_dir(name='faces-casia-ultrasmall'):
         return standin_facerec_dir(name)
     url, sha1_hash = d2l.DATA_HUB[name]
     try:
-        return datahub.download_extract(url, sha1_hash, d2l_face.data_root(),
-                                        subdir=name)
-    except datahub.DownloadError as e:
+        return downloads.download_extract(url, sha1_hash,
+                                          d2l_face.data_root(), subdir=name)
+    except downloads.DownloadError as e:
         if source == 'real':
             raise
         print(f'NOTICE: the real {name} dataset is out of reach ({e}).\n'
@@ -333,7 +333,7 @@ def load_bin(path, image_size=(112, 112), max_images=100_000):
 
     Defined in :numref:`sec_facerecognition_dataset`"""
     # images[1] holds the images of images[0] flipped left-right.
-    bins, issame = datahub.load_bin_pairs(path)
+    bins, issame = binsets.load_bin_pairs(path)
     # A face JPEG takes far more than a hundred bytes: more images than
     # that (beyond a first thousand) means the same bytes listed again.
     limit = min(max_images, max(1000, os.path.getsize(path) // 100))
@@ -409,8 +409,8 @@ def write_insightface_pack(data_dir, out_dir, num_classes=None,
         with open(tmp + '.property', 'w') as f:
             f.write(formats.format_property(num_classes, *image_size) + '\n')
         # All three files appear, or none: a failed rename undoes the rest.
-        packs.move_all((tmp + ext, os.path.join(out_dir, n)) for ext, n in
-                       zip(('.rec', '.idx', '.property'), names))
+        publish.move_all((tmp + ext, os.path.join(out_dir, n)) for ext, n in
+                         zip(('.rec', '.idx', '.property'), names))
     return out_dir
 
 ARCFACE_TEMPLATE = formats.ARCFACE_TEMPLATE  # (5, 2): x, y in a 112x112 crop
@@ -571,7 +571,7 @@ def save_tensors(tensors, path):
 
     Defined in :numref:`subsec_facerec_insightface_packs`"""
     import torch
-    with temps.writing(path) as f:  # a link at path is replaced, not followed
+    with publish.writing(path) as f:  # a link at path is replaced, not followed
         torch.save(tensors, f)
     return path
 

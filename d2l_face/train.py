@@ -50,7 +50,7 @@ from torch import distributed as dist
 from torch import nn
 from torch.distributed import nn as dist_nn
 
-from d2l_face import orphans, temps
+from d2l_face import orphans, publish
 from d2l_face import torch as d2lf
 from d2l_face.train_config import ConfigError, parse_config
 
@@ -347,7 +347,7 @@ def save_checkpoint(folder, step, state, rank, world_size, kept):
     """Write this rank's state; rank 0 then lists all ranks' in MANIFEST."""
     os.makedirs(folder, exist_ok=True)
     name = checkpoint_name(step, rank, world_size)
-    with temps.writing(os.path.join(folder, name)) as f:
+    with publish.writing(os.path.join(folder, name)) as f:
         writer = HashingWriter(f, step)
         torch.save(state, writer)
     digests = [None] * world_size
@@ -359,7 +359,7 @@ def save_checkpoint(folder, step, state, rank, world_size, kept):
         listed = earlier[-(KEPT - 1):] + [(step, digests)]
         manifest = {'world_size': world_size, 'checkpoints': [
             {'step': s, 'digests': d} for s, d in listed]}
-        with temps.writing(os.path.join(folder, MANIFEST), 'w') as f:
+        with publish.writing(os.path.join(folder, MANIFEST), 'w') as f:
             json.dump(manifest, f)
     dist.barrier()  # the manifest names the new files: the old ones can go
     for old in kept[:-KEPT]:
@@ -406,7 +406,7 @@ def stall(where, step):
                           f'stalled-rank{rank}')
     if os.path.exists(marker):
         return
-    with temps.writing(marker, 'w') as f:  # the pid whole, for the test
+    with publish.writing(marker, 'w') as f:  # the pid whole, for the test
         f.write(str(os.getpid()))
     while True:
         time.sleep(1)

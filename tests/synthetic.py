@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 
+import cv2
 import numpy as onp
 
 
@@ -66,3 +67,34 @@ def tiny_class_images(num_classes=4, per_class=16, seed=0):
             y.append(c)
     order = rng.permutation(len(y))
     return onp.stack(X)[order].astype(onp.float32), onp.array(y)[order]
+
+
+# --- Crafted JPEGs (the format checks and the loaders refuse them) ---------
+
+def jpeg(height, width, **flags):
+    """A gray JPEG of this size; `progressive=True` for a progressive one."""
+    image = onp.full((height, width, 3), 128, onp.uint8)
+    params = [cv2.IMWRITE_JPEG_PROGRESSIVE, 1] if flags.get('progressive') \
+        else []
+    return cv2.imencode('.jpg', image, params)[1].tobytes()
+
+
+def with_claimed_size(data, height, width):
+    """Rewrite the frame header of a JPEG to claim another size."""
+    from d2l_face import formats
+    size = formats.jpeg_size(data)
+    sof = data.index(bytes([size[0] >> 8, size[0] & 255,
+                            size[1] >> 8, size[1] & 255]))
+    return (data[:sof] + bytes([height >> 8, height & 255, width >> 8,
+                                width & 255]) + data[sof + 4:])
+
+
+def smuggled(hidden, shown=(112, 112)):
+    """A JPEG whose real frame (claiming `hidden`) sits behind FF 00 and a
+    length, followed by a frame header claiming `shown`."""
+    body = with_claimed_size(jpeg(8, 8), *hidden)[2:]
+    fake_frame = (b'\xff\xc0\x00\x11\x08' + bytes([shown[0] >> 8, shown[0] & 255,
+                  shown[1] >> 8, shown[1] & 255]) + b'\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01')
+    length = len(body) + 2
+    return (b'\xff\xd8\xff\x00' + bytes([length >> 8, length & 255]) + body
+            + fake_frame + b'\xff\xd9')

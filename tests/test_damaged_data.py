@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from d2l_face import datahub, formats, packs, standin
+from d2l_face import binsets, formats, packs, standin
 from d2l_face import mxnet as d2lf
 
 SETTINGS = settings(max_examples=60, deadline=None,
@@ -145,7 +145,7 @@ def test_collinear_landmarks_are_refused(origin, direction, steps):
 def test_bin_with_random_images(images, a_jpeg, tmp_path):
     path = os.path.join(tempfile.mkdtemp(dir=tmp_path), 'set.bin')
     bins = [a_jpeg] + images[1:]
-    datahub.save_bin_pairs(path, bins, [True] * (len(bins) // 2))
+    binsets.save_bin_pairs(path, bins, [True] * (len(bins) // 2))
     try:
         data, issame = d2lf.load_bin(path)
     except ValueError as e:

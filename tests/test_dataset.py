@@ -9,7 +9,7 @@ import numpy as onp
 import pytest
 from skimage import transform as skimage_transform
 
-from d2l_face import datahub, formats, standin
+from d2l_face import binsets, downloads, formats, standin
 from d2l_face import mxnet as d2lf
 
 from synthetic import NUM_CLASSES, PER_CLASS
@@ -126,7 +126,7 @@ def test_bin_round_trip(tmp_path):
              for _ in range(4)]
     bins = [cv2.imencode('.jpg', f)[1].tobytes() for f in faces]
     path = str(tmp_path / 'pairs.bin')
-    datahub.save_bin_pairs(path, bins, [True, False])
+    binsets.save_bin_pairs(path, bins, [True, False])
     images, issame = d2lf.load_bin(path)
     assert images.shape == (2, 4, 3, 112, 112)
     assert issame.tolist() == [True, False]
@@ -139,7 +139,7 @@ def test_bin_round_trip(tmp_path):
 
 def test_bin_with_undecodable_image(tmp_path):
     path = str(tmp_path / 'bad.bin')
-    datahub.save_bin_pairs(path, [b'junk', b'junk'], [True])
+    binsets.save_bin_pairs(path, [b'junk', b'junk'], [True])
     with pytest.raises(ValueError, match='image 0'):
         d2lf.load_bin(path)
 
@@ -330,7 +330,7 @@ def formats_sof(jpeg):
     ('hides a 1500x1500 frame behind FF 00', 'not a JPEG')])
 def test_a_jpeg_claiming_a_huge_size_is_refused_before_decoding(
         data_dir, tmp_path, monkeypatch, craft, problem):
-    from test_formats import smuggled
+    from synthetic import smuggled
     path = sorted((data_dir / '00000001').glob('*.jpg'))[0]
     path.write_bytes(claiming(path.read_bytes(), 20000, 20000)
                      if craft.startswith('claims') else smuggled((1500, 1500)))
@@ -348,7 +348,7 @@ def test_a_jpeg_claiming_a_huge_size_is_refused_before_decoding(
     with pytest.raises(ValueError, match=f'{path.name}.*{problem}'):
         d2lf.pack_face_records(str(data_dir))
     bin_path = str(tmp_path / 'huge.bin')
-    datahub.save_bin_pairs(bin_path, [path.read_bytes()] * 2, [True])
+    binsets.save_bin_pairs(bin_path, [path.read_bytes()] * 2, [True])
     with pytest.raises(ValueError, match=rf'huge\.bin: image 0.*{problem}'):
         d2lf.load_bin(bin_path)
 
@@ -431,7 +431,7 @@ def test_real_download_path(local_server, standin_root, tmp_path,
                                   standin_root, standin.DATASET_DIR)
     monkeypatch.setitem(d2lf.d2l.DATA_HUB, 'faces-casia-ultrasmall',
                         (url + 'faces-casia-ultrasmall.zip',
-                         datahub.sha1_file(archive)))
+                         downloads.sha1_file(archive)))
     monkeypatch.setenv('D2L_FACE_DATA', str(tmp_path / 'data'))
     monkeypatch.setenv('D2L_FACE_SOURCE', 'real')
     data_dir = d2lf.get_facerec_dir('faces-casia-ultrasmall')
@@ -447,7 +447,7 @@ def test_unreachable_real_data(local_server, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(d2lf, 'standin_facerec_dir',
                         lambda name='faces-casia-ultrasmall': 'STANDIN')
     monkeypatch.setenv('D2L_FACE_SOURCE', 'real')
-    with pytest.raises(datahub.DownloadError, match='404'):
+    with pytest.raises(downloads.DownloadError, match='404'):
         d2lf.get_facerec_dir()
     monkeypatch.delenv('D2L_FACE_SOURCE')
     assert d2lf.get_facerec_dir() == 'STANDIN'

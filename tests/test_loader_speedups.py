@@ -15,7 +15,7 @@ import cv2
 import numpy as onp
 import pytest
 
-from d2l_face import packs, recordio, temps
+from d2l_face import packs, publish, recordio
 from d2l_face import mxnet as d2lf
 
 from synthetic import NUM_CLASSES, PER_CLASS, packless_copy
@@ -23,8 +23,8 @@ MAGIC = struct.pack('<I', recordio.MAGIC)
 
 
 def temporaries(folder):
-    """The names in `folder` that d2l_face.temps made."""
-    return [n for n in os.listdir(folder) if temps.parse(n) is not None]
+    """The names in `folder` that d2l_face.publish made."""
+    return [n for n in os.listdir(folder) if publish.parse(n) is not None]
 
 
 @pytest.fixture
@@ -337,7 +337,7 @@ def test_own_pack_changed_since_is_not_ours_any_more(data_dir, tmp_path,
         else:
             os.mkdir(prefix + '.rec')
     before = tree(data_dir)
-    with pytest.raises(packs.ForeignPackError,
+    with pytest.raises(publish.ForeignError,
                        match='not made by d2l_face') as error:
         d2lf.pack_face_records(data_dir)
     assert str(error.value).startswith(prefix + '.rec/.idx: ')
@@ -419,7 +419,7 @@ def test_a_marker_of_the_wrong_shape_is_never_fresh(data_dir):
             assert rec_inode(data_dir) != built, name
             assert packs.is_fresh(prefix, len(items), sources), name
         else:
-            with pytest.raises(packs.ForeignPackError, match='not made by'):
+            with pytest.raises(publish.ForeignError, match='not made by'):
                 d2lf.pack_face_records(data_dir)
             assert rec_inode(data_dir) == built, name
 
@@ -542,12 +542,12 @@ def test_stale_temporary_files_of_dead_packers_are_removed(data_dir,
                                                            already_packed):
     if already_packed:  # so the next call finds the pack fresh
         d2lf.pack_face_records(data_dir)
-    dead = temps.temp_path(data_dir, suffix='.train', pid=dead_pid())
-    dead_download = temps.temp_path(data_dir, suffix='.part', pid=dead_pid())
-    alive = temps.temp_path(data_dir, suffix='.train', pid=os.getppid())
-    elsewhere = os.path.join(data_dir, f'{temps.PREFIX}otherhost-'
+    dead = publish.temp_path(data_dir, suffix='.train', pid=dead_pid())
+    dead_download = publish.temp_path(data_dir, suffix='.part', pid=dead_pid())
+    alive = publish.temp_path(data_dir, suffix='.train', pid=os.getppid())
+    elsewhere = os.path.join(data_dir, f'{publish.PREFIX}otherhost-'
                              f'{dead_pid()}-{"0" * 16}.train')
-    others = [os.path.join(data_dir, f'{temps.PREFIX}notes.txt'),
+    others = [os.path.join(data_dir, f'{publish.PREFIX}notes.txt'),
               os.path.join(data_dir, 'mine.rec')]
     for path in [dead + '.rec', dead + '.idx', dead_download, alive + '.rec',
                  elsewhere + '.rec'] + others:
@@ -725,7 +725,7 @@ def test_a_marker_linked_from_another_pack_proves_nothing(data_dir,
     before = os.stat(os.path.join(other, 'train.rec')).st_ino
     with open(os.path.join(other, 'property'), 'w') as f:
         f.write(f'{NUM_CLASSES},112,112\n')
-    with pytest.raises(packs.ForeignPackError):
+    with pytest.raises(publish.ForeignError):
         d2lf.pack_face_records(other)
     assert os.stat(os.path.join(other, 'train.rec')).st_ino == before
 

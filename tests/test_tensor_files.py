@@ -13,7 +13,7 @@ import torch
 
 from synthetic import REPO
 from d2l_face import mxnet as d2lf_mxnet
-from d2l_face import temps
+from d2l_face import publish
 from d2l_face import torch as d2lf
 
 WEIGHTS = os.path.join(os.path.dirname(facenet_pytorch.__file__), 'data')
@@ -141,7 +141,7 @@ def test_an_error_midway_keeps_the_old_file(tmp_path):
 
 
 def test_a_killed_writers_temporary_goes_at_the_next_save(tmp_path):
-    dead = temps.temp_path(str(tmp_path), pid=2 ** 31 + 7)  # no such pid
+    dead = publish.temp_path(str(tmp_path), pid=2 ** 31 + 7)  # no such pid
     open(dead, 'wb').close()
     d2lf.save_tensors({'w': torch.ones(1)}, str(tmp_path / 'net.pt'))
     assert os.listdir(tmp_path) == ['net.pt']

@@ -8,7 +8,7 @@ import cv2
 import numpy as onp
 import pytest
 
-from d2l_face import datahub
+from d2l_face import binsets
 
 IMAGE = 112
 
@@ -43,7 +43,7 @@ def write_set(path, num_pairs=20, seed=0):
     values = rng.integers(0, 240, 2 * num_pairs)
     values[1::2] = onp.where(issame, values[::2] + rng.integers(0, 16),
                              values[1::2])
-    datahub.save_bin_pairs(str(path), [jpeg(v) for v in values], issame)
+    binsets.save_bin_pairs(str(path), [jpeg(v) for v in values], issame)
     return onp.array(issame)
 
 
@@ -135,7 +135,7 @@ def test_a_damaged_set_is_named(lib, tmp_path, damage):
     elif damage == 'not_a_pickle':
         bad.write_bytes(b'\x00' * 1000)
     elif damage == 'bad_jpeg':
-        datahub.save_bin_pairs(str(bad), [b'\xff\xd8 not a jpeg' * 10] * 20,
+        binsets.save_bin_pairs(str(bad), [b'\xff\xd8 not a jpeg' * 10] * 20,
                                [True, False] * 5)
     else:
         os.mkfifo(bad)  # would block a plain open() forever

@@ -7,22 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from d2l_face import formats
-
-
-def jpeg(height, width, **flags):
-    image = onp.full((height, width, 3), 128, onp.uint8)
-    params = [cv2.IMWRITE_JPEG_PROGRESSIVE, 1] if flags.get('progressive') \
-        else []
-    return cv2.imencode('.jpg', image, params)[1].tobytes()
-
-
-def with_claimed_size(data, height, width):
-    """Rewrite the frame header of a JPEG to claim another size."""
-    size = formats.jpeg_size(data)
-    sof = data.index(bytes([size[0] >> 8, size[0] & 255,
-                            size[1] >> 8, size[1] & 255]))
-    return (data[:sof] + bytes([height >> 8, height & 255, width >> 8,
-                                width & 255]) + data[sof + 4:])
+from synthetic import jpeg, smuggled, with_claimed_size
 
 
 def test_template_is_the_arcface_template_of_112_crops():
@@ -130,17 +115,6 @@ def test_a_frame_header_far_into_the_file_is_not_looked_for():
     assert len(comments) > formats.MAX_JPEG_HEADER_BYTES
     with pytest.raises(ValueError, match='not a JPEG'):
         formats.check_jpeg_header(padded(jpeg(16, 16), comments), 'x.jpg')
-
-
-def smuggled(hidden, shown=(112, 112)):
-    """A JPEG whose real frame (claiming `hidden`) sits behind FF 00 and a
-    length, followed by a frame header claiming `shown`."""
-    body = with_claimed_size(jpeg(8, 8), *hidden)[2:]
-    fake_frame = (b'\xff\xc0\x00\x11\x08' + bytes([shown[0] >> 8, shown[0] & 255,
-                  shown[1] >> 8, shown[1] & 255]) + b'\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01')
-    length = len(body) + 2
-    return (b'\xff\xd8\xff\x00' + bytes([length >> 8, length & 255]) + body
-            + fake_frame + b'\xff\xd9')
 
 
 def test_a_frame_hidden_behind_ff00_is_not_taken_for_another():

@@ -1,4 +1,4 @@
-"""A checked path for the data this chapter fetches: downloads, archives, ``.bin`` pairs.
+"""A checked path for the data this chapter fetches: downloads and archives.
 
 * ``download`` streams into a temporary file beside the target, checks the
   length the server announced, stops a body that grows past ``max_bytes`` (by
@@ -19,29 +19,21 @@
   when the archive was read to its end and passed every check its format has
   (zip CRCs; tar header checksums and the end-of-archive blocks; gzip, bzip2
   and xz checksums), so a damaged archive leaves nothing behind.
-* ``load_bin_pairs`` reads InsightFace verification files (a pickle of
-  ``(bins, issame_list)``) without running code from them: the unpickler knows
-  no globals besides inert stand-ins for numpy bools and Python 2 bytes; the
-  result must be exactly ``2 * n`` non-empty byte strings and ``n`` booleans,
-  with ``n`` at most ``MAX_PAIRS`` and the images adding up to no more than
-  the file could hold without repeating itself.
 
 Every failure of the network or of a file arrives as a ``DataError`` naming
 the file and the cause (a URL without a file name is a ``ValueError``): a
 ``DownloadError`` (also an ``OSError``) for the network and for downloaded
-archives that do not unpack, an ``ArchiveError`` or ``BinFormatError`` (also
-``ValueError``) for bad files. Temporary files and folders are named
-``.d2l-face-<host>-<pid>-<random>.<kind>`` by ``d2l_face.temps``; a later call
-removes those whose process is dead, and nothing else. Files get the user's
-umask.
+archives that do not unpack, an ``ArchiveError`` (also ``ValueError``) for
+bad archives; :mod:`d2l_face.binsets` adds ``BinFormatError`` for bad ``.bin``
+files. Temporary files and folders are named
+``.d2l-face-<host>-<pid>-<random>.<kind>`` and moved into place by
+``d2l_face.publish``; a later call removes those whose process is dead, and
+nothing else. Files get the user's umask.
 """
 import bz2
 import hashlib
-import io
 import lzma
 import os
-import pickle
-import pickletools
 import re
 import shutil
 import sys
@@ -53,13 +45,12 @@ from urllib.parse import unquote, urlsplit
 import requests
 import urllib3
 
-from d2l_face import formats, temps
+from d2l_face import publish
 
 __all__ = [
     'DataError', 'DownloadError', 'ArchiveError', 'UnsafeArchiveError',
-    'DownloadedArchiveError', 'BinFormatError', 'MAX_PAIRS',
-    'download', 'extract', 'download_extract', 'load_bin_pairs',
-    'save_bin_pairs', 'sha1_file',
+    'DownloadedArchiveError', 'download', 'extract', 'download_extract',
+    'sha1_file',
 ]
 
 STANDIN_HINT = 'set D2L_FACE_SOURCE=standin to use the generated stand-in data'
@@ -101,57 +92,15 @@ class DownloadedArchiveError(ArchiveError, DownloadError):
     """
 
 
-class BinFormatError(DataError, ValueError):
-    """A verification ``.bin`` file is not a well-formed ``(bins, issame)`` pickle."""
-
-
 def _cause(exc):
     return f'{type(exc).__name__}: {exc}'
 
 
 # ---------------------------------------------------------------- temporaries
 
-# Temporary names and their clean-up are d2l_face.temps': our names are
-# PREFIX + host-pid-random + '.part' (a download or .bin being written),
-# '.extracting' (an archive being unpacked) or '.replaced' (entries set aside
-# while an extraction replaces them).
-_HOST = temps.HOST
-_TEMP_NAME_LENGTH = temps.longest_name(suffix='.extracting')
-
-
-def _temp_path(folder, kind, pid=None):
-    return temps.temp_path(folder, suffix='.' + kind, pid=pid)
-
-
-def _create_temp_file(folder):
-    """Create a new temporary file in ``folder``; return ``(path, binary file)``.
-
-    The file gets the user's umask, as any file the user makes.
-    """
-    return temps.create_file(folder, suffix='.part')
-
-
-def _create_temp_dir(folder, kind):
-    """Create a new private temporary folder in ``folder``; return its path."""
-    return temps.create_dir(folder, suffix='.' + kind, mode=0o700)
-
-
-def _restore_aside(aside, folder):
-    """Put back an entry set aside for replacement whose replacement never arrived."""
-    for name in os.listdir(aside):
-        if not os.path.lexists(os.path.join(folder, name)):
-            os.rename(os.path.join(aside, name), os.path.join(folder, name))
-
-
-def _remove_stale_temps(folder):
-    """Remove the temporaries in ``folder`` that a dead process of ours left.
-
-    Entries set aside by an extraction that died are put back first.
-    """
-    def rescue(path, suffix):
-        if suffix == '.replaced':
-            _restore_aside(path, folder)
-    temps.remove_stale(folder, before_removing=rescue)
+# Our temporary names (d2l_face.publish) end in '.part' (a download being
+# written) or '.extracting' (an archive being unpacked).
+_TEMP_NAME_LENGTH = publish.longest_name(suffix='.extracting')
 
 
 # ---------------------------------------------------------------- downloads
@@ -332,31 +281,24 @@ def download(url, folder, sha1_hash=None, timeout=30, chunk_size=1 << 20,
     folder = os.fspath(folder)
     path = os.path.join(folder, name)
     expected = sha1_hash.lower() if sha1_hash else None
-    tmp_path = None
     try:
         os.makedirs(folder, exist_ok=True)
         if expected and os.path.isfile(path) and sha1_file(path) == expected:
             return path
-        _remove_stale_temps(folder)
         limit = _default_limit(folder) if max_bytes is None else max_bytes
-        tmp_path, tmp = _create_temp_file(folder)
-        with tmp:
+        # Renamed to `path` only when the block ends normally, else removed.
+        with publish.writing(path, suffix='.part') as tmp:
             actual = _fetch(url, tmp, timeout, chunk_size, name, limit, pace)
-        if expected and actual != expected:
-            raise DownloadError(f'SHA-1 mismatch for {url}: expected {expected}, '
-                                f'got {actual}; the file was discarded. Try again, '
-                                f'or {STANDIN_HINT}')
-        os.replace(tmp_path, path)
+            if expected and actual != expected:
+                raise DownloadError(f'SHA-1 mismatch for {url}: expected '
+                                    f'{expected}, got {actual}; the file was '
+                                    f'discarded. Try again, or {STANDIN_HINT}')
     except DownloadError:
         raise
     except Exception as e:  # network, protocol, header or local I/O: all one kind for the caller
         raise DownloadError(f'could not download {url} to {path}: '
                             f'{_describe(e, timeout)}; check the address, your '
                             f'network and the disk, or {STANDIN_HINT}') from e
-    finally:
-        # After os.replace the temporary name is gone; on any error we remove it.
-        if tmp_path is not None and os.path.lexists(tmp_path):
-            os.remove(tmp_path)
     return path
 
 
@@ -638,8 +580,9 @@ def _unpack(archive, kind, folder):
         created = _make_folders(folder)
         staging = None
         try:
-            _remove_stale_temps(folder)
-            staging = _create_temp_dir(folder, 'extracting')
+            publish.remove_stale(folder)
+            staging = publish.create_dir(folder, suffix='.extracting',
+                                         mode=0o700)
             extract_all(staging)  # zipfile checks each member's CRC as it reads it
             if kind == 'tar':
                 _check_tar_end(arc, archive)
@@ -652,19 +595,13 @@ def _unpack(archive, kind, folder):
 
 
 def _move_into_place(staging, folder):
-    """Move each top-level entry of ``staging`` into ``folder``, replacing same-named ones."""
+    """Move the top-level entries of ``staging`` into ``folder``, all or none.
+
+    Same-named entries are replaced (``publish.move_all`` sets them aside
+    first and puts them back if anything fails)."""
     try:
-        for name in os.listdir(staging):
-            src, dst = os.path.join(staging, name), os.path.join(folder, name)
-            if os.path.lexists(dst):
-                # Set the old entry aside first so that a name is never half-written;
-                # if we die in between, the next run puts it back (_remove_stale_temps).
-                aside = _create_temp_dir(folder, 'replaced')
-                os.rename(dst, os.path.join(aside, name))
-                os.rename(src, dst)
-                shutil.rmtree(aside)
-            else:
-                os.rename(src, dst)
+        publish.move_all([(os.path.join(staging, name), os.path.join(folder, name))
+                          for name in os.listdir(staging)])
         os.rmdir(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -730,225 +667,8 @@ def download_extract(url, sha1_hash, folder, subdir=None):
         if not os.path.isdir(dataset):
             raise ArchiveError(f'{archive} does not contain the folder '
                                f'{subdir or _archive_stem(name)!r}')
-        with open(marker, 'w') as f:
-            f.write(url + '\n')
+        publish.write_marker(marker, {'url': url})
     except (ArchiveError, OSError) as e:
         raise DownloadedArchiveError(f'{url} was downloaded but cannot be used: '
                                      f'{e}; {STANDIN_HINT}') from e
     return dataset
-
-
-# ---------------------------------------------------------------- .bin pairs
-
-# InsightFace's verification sets hold 6,000-7,000 pairs; this bounds what a
-# file may ask a reader to decode.
-MAX_PAIRS = 100_000
-_MAX_BIN_BYTES = 2 << 30
-# A pickle written from separate byte strings stores each image once, plus a
-# few bytes per object, so its images and objects add up to less than its size;
-# one that shares an image between a few pairs (as Python 3 pickles shared
-# objects) adds up to a little more. We allow four times the size.
-_EXPANSION = 4
-_MAX_DTYPE_CODE = 8  # numpy codes such as 'b1' or '|b1'
-
-
-class _NumpyDType:
-    """Inert stand-in for ``numpy.dtype`` inside a pickle: it only remembers a short code."""
-
-    def __init__(self, code=None, *args):
-        if isinstance(code, (bytes, str)) and len(code) > _MAX_DTYPE_CODE:
-            raise pickle.UnpicklingError(f'numpy dtype code of {len(code)} characters')
-        self.code = code.decode('ascii', 'replace') if isinstance(code, bytes) else code
-
-    def __setstate__(self, state):
-        pass  # byte order and flags are irrelevant for a one-byte bool
-
-
-def _numpy_scalar(dtype, data=None):
-    """Stand-in for ``numpy.core.multiarray.scalar``: accepts only bools, returns ``bool``."""
-    if not (isinstance(dtype, _NumpyDType) and dtype.code in ('b1', '?')
-            and data in (b'\x00', b'\x01')):
-        raise pickle.UnpicklingError('only numpy bool scalars are supported')
-    return data == b'\x01'
-
-
-class _PairsUnpickler(pickle.Unpickler):
-    """Knows only inert stand-ins, and bounds the bytes their calls may allocate.
-
-    Without the bound, a pickle could call ``_codecs.encode`` on one memoized
-    long string thousands of times, a few bytes per call, and cost gigabytes.
-    """
-
-    def __init__(self, data):
-        # encoding='bytes' keeps Python 2 str objects (the original files) as bytes.
-        super().__init__(io.BytesIO(data), encoding='bytes')
-        self._budget = _EXPANSION * len(data)
-        self._globals = {
-            ('numpy', 'dtype'): _NumpyDType,
-            ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
-            ('numpy._core.multiarray', 'scalar'): _numpy_scalar,  # numpy >= 2
-            ('_codecs', 'encode'): self._codecs_encode,
-        }
-
-    def _codecs_encode(self, text, encoding='utf-8', *rest):
-        """Stand-in for ``_codecs.encode``, which protocol-2 pickles use for bytes."""
-        if not isinstance(text, str) or encoding not in ('latin1', 'latin-1') or rest:
-            raise pickle.UnpicklingError('unsupported _codecs.encode call')
-        self._budget -= len(text)
-        if self._budget < 0:
-            raise pickle.UnpicklingError('the byte strings it builds outgrow the '
-                                         'file many times over')
-        return text.encode('latin1')
-
-    def find_class(self, module, name):
-        # The only globals a .bin file may name; none runs numpy or any other code.
-        try:
-            return self._globals[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f'refusing to load the global {module}.{name}') from None
-
-
-# Opcodes that build dicts, sets or objects: a (bins, issame) pickle has none,
-# and a dict key nested a hundred thousand tuples deep crashes CPython's
-# unpickler when it hashes the key (the C stack overflows), at 130 KB of file.
-_REFUSED_OPCODES = frozenset([
-    'EMPTY_DICT', 'DICT', 'SETITEM', 'SETITEMS', 'EMPTY_SET', 'ADDITEMS',
-    'FROZENSET', 'INST', 'OBJ', 'NEWOBJ', 'NEWOBJ_EX', 'PERSID', 'BINPERSID',
-    'EXT1', 'EXT2', 'EXT4', 'BYTEARRAY8', 'NEXT_BUFFER', 'READONLY_BUFFER'])
-
-
-def _check_opcodes(data):
-    """Refuse, before unpickling, opcodes a .bin never needs and wild memo indices.
-
-    CPython's unpickler allocates a memo table as large as the biggest index it
-    sees, so a few crafted bytes could claim gigabytes. Picklers number memo
-    entries 0, 1, 2... so an index can never exceed the opcodes read so far.
-    Walking the opcodes also refuses, without allocating, a length field that
-    claims more bytes than the file holds.
-    """
-    for count, (op, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
-        if op.name in _REFUSED_OPCODES:
-            raise pickle.UnpicklingError(f'opcode {op.name}, which a '
-                                         f'verification file does not use')
-        if op.name in ('PUT', 'BINPUT', 'LONG_BINPUT') and int(arg) > count:
-            raise pickle.UnpicklingError(f'memo index {arg} out of range')
-
-
-def _is_bool(x):
-    return type(x) is bool or (type(x).__module__ == 'numpy'
-                               and type(x).__name__ in ('bool_', 'bool'))
-
-
-def _check_pairs(bins, issame, where, byte_types=(bytes, bytearray), max_pairs=MAX_PAIRS):
-    """Validate and normalize to (list of bytes, list of bool); raise BinFormatError."""
-    if not isinstance(bins, (list, tuple)) or not isinstance(issame, (list, tuple)):
-        raise BinFormatError(f'{where}: bins and issame must be lists, got '
-                             f'{type(bins).__name__} and {type(issame).__name__}')
-    if not issame:
-        raise BinFormatError(f'{where}: contains no pairs')
-    if len(issame) > max_pairs:
-        raise BinFormatError(f'{where}: {len(issame)} pairs, more than the '
-                             f'{max_pairs} allowed')
-    if len(bins) != 2 * len(issame):
-        raise BinFormatError(f'{where}: {len(bins)} images for {len(issame)} pairs '
-                             f'(expected {2 * len(issame)})')
-    for i, b in enumerate(bins):
-        if not isinstance(b, byte_types):
-            raise BinFormatError(f'{where}: bins[{i}] has type {type(b).__name__}, expected bytes')
-        if not b:
-            raise BinFormatError(f'{where}: bins[{i}] is empty')
-    for i, s in enumerate(issame):
-        if not _is_bool(s):
-            raise BinFormatError(f'{where}: issame[{i}] has type {type(s).__name__}, expected bool')
-    return [bytes(b) for b in bins], [bool(s) for s in issame]
-
-
-def _check_expansion(bins, issame, file_size, where):
-    """Refuse images that add up to more than the file could hold.
-
-    A pickle can name one stored image thousands of times for two bytes each;
-    every reader would then decode it thousands of times.
-    """
-    total = sum(map(len, bins)) + len(bins) + len(issame)
-    if total > _EXPANSION * file_size:
-        raise BinFormatError(f'{where}: its {len(bins)} images and {len(issame)} '
-                             f'labels add up to {total} bytes from a file of '
-                             f'{file_size}; it repeats images by reference')
-
-
-def _read_bin(path):
-    """The bytes of ``path``: a regular file of bounded size (a FIFO would block forever)."""
-    try:
-        size = os.stat(path).st_size
-        if size > _MAX_BIN_BYTES:
-            raise BinFormatError(f'{path}: {size} bytes, more than the '
-                                 f'{_MAX_BIN_BYTES} a verification file may have')
-        # Bounded by the size just seen: the reader allocates its limit up front.
-        return formats.read_regular_file(path, max_bytes=size)
-    except ValueError as e:  # not a regular file, or it grew while read
-        raise BinFormatError(f'{path}: cannot be read as a verification file ({e})') from e
-
-
-def load_bin_pairs(path, max_pairs=MAX_PAIRS):
-    """Load an InsightFace verification file; return ``(bins, issame)``.
-
-    ``bins`` is a list of ``2 * n`` encoded images (bytes), ``issame`` a list of
-    ``n`` plain bools, ``n <= max_pairs``. No code from the file is run: besides
-    containers, bytes and bools only numpy bool scalars and Python 2 style bytes
-    are understood, through inert stand-ins. Memory stays within a small
-    multiple of the file's size. Anything else raises ``BinFormatError``
-    naming the file.
-    """
-    data = _read_bin(path)  # in memory, so a length field cannot make a read allocate more
-    try:
-        _check_opcodes(data)
-        obj = _PairsUnpickler(data).load()
-    except Exception as e:  # nothing from the file has run, so any failure means "malformed"
-        raise BinFormatError(f'{path}: not a valid verification pickle '
-                             f'({_cause(e)})') from e
-    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-        size = f' of length {len(obj)}' if isinstance(obj, (tuple, list)) else ''
-        raise BinFormatError(f'{path}: expected a pair (bins, issame), got a '
-                             f'{type(obj).__name__}{size}')
-    # Only bytes, not bytearray: a file can reference one bytearray a million times
-    # through the memo, and converting each reference would copy it a million times.
-    bins, issame = _check_pairs(obj[0], obj[1], path, (bytes,), max_pairs)
-    _check_expansion(bins, issame, len(data), path)
-    return bins, issame
-
-
-def _unshared(bins):
-    """Copies of repeated byte-string objects, so that pickle stores every image in full.
-
-    A file that names one image many times by reference is what
-    ``_check_expansion`` refuses; what we write must load.
-    """
-    seen, out = set(), []
-    for b in bins:
-        if id(b) in seen:
-            b = bytes(bytearray(b))
-        seen.add(id(b))
-        out.append(b)
-    return out
-
-
-def save_bin_pairs(path, bins, issame):
-    """Write ``(bins, issame)`` in the InsightFace format (pickle protocol 4).
-
-    The input is validated like a loaded file and written atomically, so a
-    reader never sees a half-written file; the file gets the user's umask.
-    An image passed several times is stored several times, so the file loads.
-    """
-    bins, issame = _check_pairs(list(bins), list(issame), path)
-    bins = _unshared(bins)
-    folder = os.path.dirname(os.path.abspath(path))
-    _remove_stale_temps(folder)
-    tmp_path, tmp = _create_temp_file(folder)
-    try:
-        with tmp:
-            pickle.dump((bins, issame), tmp, protocol=4)
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.lexists(tmp_path):
-            os.remove(tmp_path)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from synthetic import REPO, packless_copy
-from d2l_face import onnxrun, temps
+from d2l_face import onnxrun, publish
 from d2l_face import torch as d2lf
 from d2l_face import train, train_config
 
@@ -177,10 +177,10 @@ def test_kill_during_checkpoint_write(data_dir, references, tmp_path):
     kill_stalled(tmp_path, f'checkpoint:{2 * EVERY}', cmd)
     folder = tmp_path / train.CHECKPOINTS
     assert [s for s, _ in train.read_manifest(folder)] == [EVERY]
-    assert any(temps.parse(name) for name in os.listdir(folder))  # cut short
+    assert any(publish.parse(name) for name in os.listdir(folder))  # cut short
     output = run(cmd, tmp_path)
     assert f'resuming after step {EVERY}' in output
-    assert not any(temps.parse(name) for name in os.listdir(folder))
+    assert not any(publish.parse(name) for name in os.listdir(folder))
     assert_same(final_params(tmp_path, 1), final_params(references['one'], 1))
 
 

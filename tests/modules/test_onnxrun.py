@@ -8,7 +8,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from d2l_face import onnxrun, temps
+from d2l_face import onnxrun, publish
 
 SIZE = 112
 
@@ -259,7 +259,7 @@ def test_write_model_never_follows_a_link_at_the_old_temporary_name(
     victim = tmp_path / 'victim'
     victim.write_bytes(b'keep')
     path = tmp_path / 'net.onnx'
-    # where versions before temps.writing wrote their temporary
+    # where versions before publish.writing wrote their temporary
     os.symlink(victim, f'{path}.tmp-{os.getpid()}')
     onnxrun.write_model(flatten_bytes(), str(path), {'note': 'new'})
     assert victim.read_bytes() == b'keep'
@@ -291,7 +291,7 @@ def test_write_model_keeps_the_old_file_when_writing_fails(tmp_path,
 
 
 def test_write_model_removes_what_a_killed_writer_left(tmp_path):
-    dead = temps.temp_path(str(tmp_path), pid=2 ** 31 + 7)  # no such pid
+    dead = publish.temp_path(str(tmp_path), pid=2 ** 31 + 7)  # no such pid
     open(dead, 'wb').close()
     onnxrun.write_model(flatten_bytes(), str(tmp_path / 'net.onnx'), {})
     assert os.listdir(tmp_path) == ['net.onnx']
