@@ -43,11 +43,12 @@ def check_complete_jpeg(data, path):
 
 def check_decoded(image, where, image_size=None):
     """Refuse a failed decode (None), or an image of another (h, w)."""
+    # `where` names the file, or the record or item of a file.
     if image is None:
-        raise ValueError(f'{where}: cannot be decoded as an image')
+        raise ValueError(f'{where} cannot be decoded as an image')
     if image_size is not None and image.shape[:2] != tuple(image_size):
         # e.g. turned by the EXIF orientation that OpenCV applies
-        raise ValueError(f'{where}: decoded to {image.shape[1]}x'
+        raise ValueError(f'{where} decoded to {image.shape[1]}x'
                          f'{image.shape[0]}, expected {image_size[1]}x'
                          f'{image_size[0]}')
 

@@ -66,3 +66,8 @@ def tiny_class_images(num_classes=4, per_class=16, seed=0):
             y.append(c)
     order = rng.permutation(len(y))
     return onp.stack(X)[order].astype(onp.float32), onp.array(y)[order]
+
+
+def to_numpy(x):
+    """A NumPy array of a batch of either tab: MXNet's or PyTorch's."""
+    return x.asnumpy() if hasattr(x, 'asnumpy') else x.numpy()
