@@ -23,7 +23,7 @@ import numpy as onp
 from skimage import data as skimage_data
 from skimage import transform as skimage_transform
 
-from d2l_face import formats
+from d2l_face import checks, formats
 from d2l_face import mxnet as d2lf
 
 # The original chapter wrote the ArcFace template out (as mxnet.np); its values
@@ -62,7 +62,7 @@ def main():
                         help='passes over all faces in one timed run')
     args = parser.parse_args()
     cases = faces()
-    matrices = [d2lf.estimate_similarity(d2lf.check_landmarks(lm),
+    matrices = [d2lf.estimate_similarity(checks.check_landmarks(lm),
                                          d2lf.ARCFACE_TEMPLATE)
                 for _, lm in cases]
     print(f'{len(cases)} faces x {args.passes} passes per run, '

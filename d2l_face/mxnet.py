@@ -41,14 +41,19 @@ d2l.DATA_HUB['faces-casia-ultrasmall'] = (
     d2l.DATA_URL + 'faces-casia-ultrasmall.zip',
     '352b9a33ca089307a07cec80c23b1765d304e95a')
 
+def standin_facerec_dir(name='faces-casia-ultrasmall'):
+    """Generate (once) and return the stand-in for the ultrasmall set.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    checks.check_standin_name(name)  # there is no stand-in for the others
+    return standin.generate(os.path.join(d2l_face.data_root(), 'standin'))
+
 def get_facerec_dir(name='faces-casia-ultrasmall'):
     """Return the folder of a face dataset, downloading or generating it.
 
     Defined in :numref:`sec_facerecognition_dataset`"""
     source = os.environ.get('D2L_FACE_SOURCE', 'auto').lower()
-    if source not in ('auto', 'real', 'standin'):
-        raise ValueError(f'D2L_FACE_SOURCE must be auto, real or standin, '
-                         f'not {source!r}')
+    checks.check_face_source(source)
     if source == 'standin':
         return standin_facerec_dir(name)
     url, sha1_hash = d2l.DATA_HUB[name]
@@ -61,15 +66,6 @@ def get_facerec_dir(name='faces-casia-ultrasmall'):
         print(f'NOTICE: the real {name} dataset is out of reach ({e}).\n'
               f'Using the generated stand-in data instead.')
         return standin_facerec_dir(name)
-
-def standin_facerec_dir(name='faces-casia-ultrasmall'):
-    """Generate (once) and return the stand-in for the ultrasmall set.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    if name != 'faces-casia-ultrasmall':
-        raise ValueError(f'there is a stand-in for faces-casia-ultrasmall '
-                         f'only, not for {name}')
-    return standin.generate(os.path.join(d2l_face.data_root(), 'standin'))
 
 def read_facerec_meta(data_dir):
     """Read `property`: return the crop size (h, w) and the class count.
@@ -91,10 +87,7 @@ def read_face_jpeg(path, image_size=None):
     Defined in :numref:`sec_facerecognition_dataset`"""
     data = formats.read_regular_file(path)
     formats.check_jpeg_header(data, path, image_size)
-    # libjpeg decodes a cut-off file with only a warning; a JPEG ends with
-    # the EOI marker, so its absence means the file was truncated.
-    if not data.rstrip(b'\0').endswith(b'\xff\xd9'):
-        raise ValueError(f'{path}: not a complete JPEG file (truncated?)')
+    checks.check_complete_jpeg(data, path)  # ends with the JPEG end marker
     return data
 
 def read_face_image(path, image_size=None):
@@ -103,12 +96,7 @@ def read_face_image(path, image_size=None):
     Defined in :numref:`sec_facerecognition_dataset`"""
     data = read_face_jpeg(path, image_size)
     image = cv2.imdecode(onp.frombuffer(data, onp.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f'{path}: cannot be decoded as an image')
-    if image_size is not None and image.shape[:2] != tuple(image_size):
-        raise ValueError(f'{path}: decoded to {image.shape[1]}x'
-                         f'{image.shape[0]}, expected {image_size[1]}x'
-                         f'{image_size[0]}')  # e.g. turned by EXIF data
+    checks.check_decoded(image, path, image_size)
     return image[:, :, ::-1]
 
 def list_face_jpegs(folder):
@@ -152,12 +140,8 @@ def list_facerec_images(data_dir, num_classes=None):
     items = []
     for label in range(num_classes):
         folder = os.path.join(data_dir, formats.identity_folder(label))
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f'{folder}: missing, although property '
-                                    f'says there are {num_classes} classes')
-        paths = list_face_jpegs(folder)
-        if not paths:
-            raise FileNotFoundError(f'{folder}: holds no .jpg images')
+        paths = list_face_jpegs(folder) if os.path.isdir(folder) else []
+        checks.check_identity_folder(folder, paths, num_classes)
         items += [(path, label) for path in paths]
     return items
 
@@ -180,16 +164,212 @@ class FaceDataset(gluon.data.Dataset):
                          dtype='uint8')
         return self.transform(image), label
 
+def load_bin(path, image_size=(112, 112), max_images=100_000):
+    """Read a .bin set: uint8 images (2, 2n, 3, h, w) and issame (n,).
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    # images[1] holds the images of images[0] flipped left-right.
+    bins, issame = binsets.load_bin_pairs(path)
+    checks.check_bin_count(path, len(bins), max_images)
+    data = onp.empty((2, len(bins), 3) + tuple(image_size), dtype=onp.uint8)
+    for i, jpeg in enumerate(bins):
+        where = f'{path}: image {i}'
+        formats.check_jpeg_header(jpeg, where,
+                                  max_pixels=formats.MAX_CROP_PIXELS)
+        image = cv2.imdecode(onp.frombuffer(jpeg, onp.uint8), cv2.IMREAD_COLOR)
+        checks.check_decoded(image, where)
+        if image.shape[:2] != tuple(image_size):
+            image = cv2.resize(image, tuple(image_size)[::-1])
+        image = image[:, :, ::-1].transpose(2, 0, 1)  # BGR HWC -> RGB CHW
+        data[0, i] = image
+        data[1, i] = image[:, :, ::-1]
+    return data, onp.array(issame, dtype=bool)
+
+def show_verification_pairs(images, issame, num_pairs=6, scale=1.5):
+    """Plot the first pairs of a verification set with their labels.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    first = [images[0, 2 * i].transpose(1, 2, 0) for i in range(num_pairs)]
+    second = [images[0, 2 * i + 1].transpose(1, 2, 0)
+              for i in range(num_pairs)]
+    titles = ['same' if issame[i] else 'different' for i in range(num_pairs)]
+    return d2l.show_images(first + second, 2, num_pairs,
+                           titles + [''] * num_pairs, scale=scale)
+
+ARCFACE_TEMPLATE = formats.ARCFACE_TEMPLATE  # (5, 2): x, y in a 112x112 crop
+
+LANDMARK_NAMES = ('left eye', 'right eye', 'nose tip', 'left mouth',
+                  'right mouth')
+
+def estimate_similarity(src, dst):
+    """Least-squares similarity transform mapping src onto dst: (2, 3).
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    xs, ys = onp.asarray(src).T.tolist()
+    us, vs = onp.asarray(dst).T.tolist()
+    n = len(xs)
+    px, py, qx, qy = sum(xs) / n, sum(ys) / n, sum(us) / n, sum(vs) / n
+    norm = dot = cross = 0.0  # the sums in the formulas for a and b
+    for x, y, u, v in zip(xs, ys, us, vs):
+        x, y, u, v = x - px, y - py, u - qx, v - qy
+        norm += x * x + y * y
+        dot += x * u + y * v
+        cross += x * v - y * u
+    a, b = (dot / norm, cross / norm) if norm else (onp.nan, onp.nan)
+    return onp.array([[a, -b, qx - a * px + b * py],
+                      [b, a, qy - b * px - a * py]])
+
+def face_align(image, landmark, image_size=112):
+    """Warp a face so its 5 landmarks match the ArcFace template.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    landmark = checks.check_alignment(image, landmark, image_size)
+    template = ARCFACE_TEMPLATE * (image_size / formats.TEMPLATE_SIZE)
+    M = estimate_similarity(landmark, template)
+    return cv2.warpAffine(image, M, (int(image_size),) * 2, borderValue=0.0)
+
+ASTRONAUT_LANDMARKS = onp.array([[204.4, 101.9], [247.1, 103.1],
+                                 [225.6, 126.9], [202.5, 140.0],
+                                 [245.0, 139.0]])  # placed by hand
+
+def show_alignment(image, landmark, aligned, title):
+    """Draw the photo with its landmarks and the crop with the template.
+
+    Defined in :numref:`sec_facerecognition_dataset`"""
+    _, (ax1, ax2) = d2l.plt.subplots(1, 2, figsize=(7, 3.5))
+    ax1.imshow(image)
+    ax1.scatter(landmark[:, 0], landmark[:, 1], c='lime', s=12)
+    ax1.set_title(title)
+    ax2.imshow(aligned)
+    ax2.scatter(ARCFACE_TEMPLATE[:, 0], ARCFACE_TEMPLATE[:, 1], c='red', s=12)
+    ax2.set_title('aligned 112x112')
+    for ax in (ax1, ax2):
+        ax.axis('off')
+
+# The opening of torch.save's older format (the pickled magic number
+# 0x1950a86a20f9469cfc6c), and the records of its zip archives
+TORCH_LEGACY_MAGIC = b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.'
+TORCH_SAVE_RECORDS = (r'data\.pkl|byteorder|version|\.format_version|'
+                      r'\.storage_alignment|\.data/(serialization_id|version)|'
+                      r'data/[0-9]+')
+
+def check_tensor_file(data, path):
+    """Refuse all but a `torch.save` file, so that torch.load runs no code.
+
+    Defined in :numref:`sec_facerecognition_detection`"""
+    import io
+    import re
+    import torch
+    if data.startswith(TORCH_LEGACY_MAGIC):  # read by the restricted unpickler
+        return
+    if not data.startswith(b'PK\x03\x04'):  # what torch.load takes for a zip
+        raise ValueError(f'{path}: not a file written by torch.save')
+    try:
+        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
+        records = reader.get_all_records()
+    except Exception as e:
+        raise ValueError(f'{path}: not a readable zip archive ({e})') from e
+    others = [r for r in records if not re.fullmatch(TORCH_SAVE_RECORDS, r)]
+    if others:  # e.g. constants.pkl and code/: a TorchScript archive
+        raise ValueError(f'{path}: a zip archive with records {others[:3]} '
+                         f'that torch.save never writes (TorchScript?); '
+                         f'refused, since torch.load would run its code')
+
+def load_tensors(path, max_bytes=1 << 30):
+    """Tensors, in dicts and lists, from a torch.save file: runs no code.
+
+    Defined in :numref:`sec_facerecognition_detection`"""
+    import io
+    import torch  # imported on use: the MXNet library need not load PyTorch
+    data = formats.read_regular_file(path, max_bytes)  # refuses FIFOs too
+    check_tensor_file(data, path)  # before torch.load, which may run code
+    try:
+        # The restricted unpickler builds tensors, dicts and numbers only;
+        # any other global that the pickle names is refused, never called.
+        return torch.load(io.BytesIO(data), map_location='cpu',
+                          weights_only=True)
+    except Exception as e:  # nothing from the file has run: it is malformed
+        # PyTorch's message opens with advice to load unsafely; keep the cause.
+        cause = [line for line in str(e).splitlines()
+                 if line.strip() and 'weights_only' not in line]
+        raise ValueError(f'{path}: not a PyTorch file of plain tensors '
+                         f'({cause[0] if cause else type(e).__name__})') from e
+
+def read_state_dict(path, max_bytes=1 << 30):
+    """Tensors by name from a PyTorch file, without running code from it.
+
+    Defined in :numref:`sec_facerecognition_detection`"""
+    import torch
+    state = load_tensors(path, max_bytes)
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor)
+            for k, v in state.items()):
+        raise ValueError(f'{path}: holds a {type(state).__name__}, not a '
+                         f'state dict of named tensors')
+    return state
+
+def save_tensors(tensors, path):
+    """`torch.save` to `path`, which ends up whole or as it was before.
+
+    Defined in :numref:`sec_facerecognition_detection`"""
+    import torch
+    with publish.writing(path) as f:  # a link at path is replaced, not followed
+        torch.save(tensors, f)
+    return path
+
+def load_mtcnn(folder=None):
+    """MTCNN's P-Net, R-Net and O-Net, weights read by `read_state_dict`.
+
+    Defined in :numref:`sec_facerecognition_detection`"""
+    import facenet_pytorch  # PyTorch modules, in the MXNet tab too
+    if folder is None:  # the weights ship inside the package
+        folder = os.path.join(os.path.dirname(facenet_pytorch.__file__),
+                              'data')
+    nets = []
+    for name, net_class in [('pnet', facenet_pytorch.PNet),
+                            ('rnet', facenet_pytorch.RNet),
+                            ('onet', facenet_pytorch.ONet)]:
+        path = os.path.join(folder, name + '.pt')
+        net = net_class(pretrained=False)  # True would unpickle freely
+        try:
+            net.load_state_dict(read_state_dict(path))
+        except RuntimeError as e:  # names or shapes that do not fit the net
+            raise ValueError(f'{path}: not the weights of {name}: {e}') from e
+        nets.append(net.eval())
+    return nets
+
+def detect_faces(image, nets=None, min_face_size=20):
+    """Faces in an RGB photo: [(box, score, landmarks)], best score first.
+
+    Defined in :numref:`sec_facerecognition_detection`"""
+    import torch
+    from facenet_pytorch.models.utils.detect_face import detect_face
+    checks.check_photo(image)
+    checks.check_detector(nets, min_face_size)  # nets: three, or None
+    if min(image.shape[:2]) < min_face_size:
+        return []  # and MTCNN's image pyramid would be empty
+    nets = load_mtcnn() if nets is None else nets
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            boxes, points = detect_face(image, min_face_size, *nets,
+                                        [0.6, 0.7, 0.7], 0.709, 'cpu')
+    finally:
+        torch.set_num_threads(threads)
+    faces = [(onp.array(box[:4], dtype=onp.float64), float(box[4]),
+              onp.array(landmarks, dtype=onp.float64))
+             for box, landmarks in zip(boxes[0], points[0])]
+    return sorted(faces, key=lambda face: -face[1])
+
 def checked_face_records(items, image_size):
     """Yield (label, JPEG bytes) of `items`, each checked, read in threads.
 
-    Defined in :numref:`sec_facerecognition_dataset`"""
+    Defined in :numref:`sec_facerecognition_packing`"""
     def read(item):
         jpeg = read_face_jpeg(item[0], image_size)
         image = cv2.imdecode(onp.frombuffer(jpeg, onp.uint8), 1)
-        if image is None or image.shape[:2] != tuple(image_size):
-            raise ValueError(f'{item[0]}: cannot be decoded to '
-                             f'{image_size[1]}x{image_size[0]} pixels')
+        checks.check_decoded(image, item[0], image_size)
         return item[1], jpeg
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
         for first in range(0, len(items), 1024):
@@ -198,7 +378,7 @@ def checked_face_records(items, image_size):
 def pack_face_records(data_dir, name='train', meta=None):
     """Pack a folder dataset's crops into name.rec/.idx, unless fresh.
 
-    Defined in :numref:`sec_facerecognition_dataset`"""
+    Defined in :numref:`sec_facerecognition_packing`"""
     prefix = os.path.join(data_dir, name)
     packs.check_ours(prefix)  # a pack we did not make is never replaced
     packs.remove_stale(prefix)  # what killed packers left behind
@@ -220,10 +400,8 @@ class FaceRecordIter:
     """Shuffled, randomly flipped float32 batches from a RecordIO pack."""
     def __init__(self, prefix, batch_size, image_size=None, num_classes=None,
                  shuffle=True, flip=True, num_threads=None):
-        """Defined in :numref:`sec_facerecognition_dataset`"""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f'batch_size must be a positive integer, not '
-                             f'{batch_size!r}')
+        """Defined in :numref:`sec_facerecognition_packing`"""
+        checks.check_batch_size(batch_size)
         self.prefix, self.batch_size = prefix, batch_size
         self.shuffle, self.flip = shuffle, flip
         self.pack = recordio.PackReader(prefix, image_size)
@@ -242,18 +420,14 @@ class FaceRecordIter:
     def _fill(self, batch, first, records, flips):
         """Decode, flip and convert images into batch[first:] (a thread).
     
-        Defined in :numref:`sec_facerecognition_dataset`"""
+        Defined in :numref:`sec_facerecognition_packing`"""
         h, w = self.image_size
         rgb = onp.empty((3, h, w), onp.uint8)
         planes = [rgb[2], rgb[1], rgb[0]]  # cv2.split writes B, G, R
         for j, (i, flip) in enumerate(zip(records.tolist(), flips.tolist()),
                                       first):
             image = cv2.imdecode(self.pack.jpeg(i), cv2.IMREAD_COLOR)
-            if image is None or image.shape != (h, w, 3):
-                problem = ('cannot be decoded' if image is None else
-                           f'is {image.shape[1]}x{image.shape[0]}, expected '
-                           f'{w}x{h}')
-                raise ValueError(f'{self.prefix}.rec: image {i} {problem}')
+            checks.check_decoded(image, f'{self.prefix}.rec: image {i}', (h, w))
             if flip:
                 image = cv2.flip(image, 1)
             cv2.split(image, planes)  # BGR (h, w, 3) -> RGB (3, h, w)
@@ -264,7 +438,7 @@ class FaceRecordIter:
     def _submit(self, records, flips):
         """Start filling a free batch array with `records` in the threads.
     
-        Defined in :numref:`sec_facerecognition_dataset`"""
+        Defined in :numref:`sec_facerecognition_packing`"""
         for slot, (batch, user) in enumerate(self._buffers):
             if user is None or isinstance(user, weakref.ref) and user() is None:
                 break
@@ -278,12 +452,11 @@ class FaceRecordIter:
                                   flips[lo:lo + chunk])
                 for lo in range(0, len(records), chunk)]
         return slot, records, jobs
-    
 
     def _finish(self, slot, records, jobs):
         """Wait for a batch and hand it to the framework (without copying).
     
-        Defined in :numref:`sec_facerecognition_dataset`"""
+        Defined in :numref:`sec_facerecognition_packing`"""
         try:
             for job in jobs:
                 job.result()
@@ -298,12 +471,12 @@ class FaceRecordIter:
     def _wrap(self, X, y):
         """Hand a NumPy batch and its labels to MXNet.
     
-        Defined in :numref:`sec_facerecognition_dataset`"""
+        Defined in :numref:`sec_facerecognition_packing`"""
         return (mx.nd.from_numpy(X, zero_copy=True, array_cls=np.ndarray),
                 np.array(y, dtype='int64'))
 
     def __iter__(self):
-        """Defined in :numref:`sec_facerecognition_dataset`"""
+        """Defined in :numref:`sec_facerecognition_packing`"""
         n, bs = len(self.pack), self.batch_size
         order = onp.random.permutation(n) if self.shuffle else onp.arange(n)
         flips = (onp.random.uniform(size=n) < 0.5 if self.flip
@@ -324,36 +497,10 @@ class FaceRecordIter:
                 concurrent.futures.wait(jobs)
                 self._buffers[slot][1] = None
 
-def load_bin(path, image_size=(112, 112), max_images=100_000):
-    """Read a .bin set: uint8 images (2, 2n, 3, h, w) and issame (n,).
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    # images[1] holds the images of images[0] flipped left-right.
-    bins, issame = binsets.load_bin_pairs(path)
-    # A face JPEG takes far more than a hundred bytes: more images than
-    # that (beyond a first thousand) means the same bytes listed again.
-    limit = min(max_images, max(1000, os.path.getsize(path) // 100))
-    if len(bins) > limit:
-        raise ValueError(f'{path}: {len(bins)} images, more than the '
-                         f'{limit} allowed for a file of this size')
-    data = onp.empty((2, len(bins), 3) + tuple(image_size), dtype=onp.uint8)
-    for i, jpeg in enumerate(bins):
-        formats.check_jpeg_header(jpeg, f'{path}: image {i}',
-                                  max_pixels=formats.MAX_CROP_PIXELS)
-        image = cv2.imdecode(onp.frombuffer(jpeg, onp.uint8), cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f'{path}: image {i} cannot be decoded')
-        if image.shape[:2] != tuple(image_size):
-            image = cv2.resize(image, tuple(image_size)[::-1])
-        image = image[:, :, ::-1].transpose(2, 0, 1)  # BGR HWC -> RGB CHW
-        data[0, i] = image
-        data[1, i] = image[:, :, ::-1]
-    return data, onp.array(issame, dtype=bool)
-
 def load_data_facerec(data_dir, verification_sets=(), batch_size=512):
     """Return a training data iterator and a dict of verification sets.
 
-    Defined in :numref:`sec_facerecognition_dataset`"""
+    Defined in :numref:`sec_facerecognition_packing`"""
     prefix = os.path.join(data_dir, 'train')
     foreign = packs.foreign_reason(prefix)  # None: ours, or no pack yet
     image_size = num_classes = None  # a pack alone tells them itself
@@ -375,22 +522,11 @@ def load_data_facerec(data_dir, verification_sets=(), batch_size=512):
         sets[name] = load_bin(path, train_iter.image_size)
     return train_iter, sets
 
-def show_verification_pairs(images, issame, num_pairs=6, scale=1.5):
-    """Plot the first pairs of a verification set with their labels.
-
-    Defined in :numref:`sec_facerecognition_dataset`"""
-    first = [images[0, 2 * i].transpose(1, 2, 0) for i in range(num_pairs)]
-    second = [images[0, 2 * i + 1].transpose(1, 2, 0)
-              for i in range(num_pairs)]
-    titles = ['same' if issame[i] else 'different' for i in range(num_pairs)]
-    return d2l.show_images(first + second, 2, num_pairs,
-                           titles + [''] * num_pairs, scale=scale)
-
 def write_insightface_pack(data_dir, out_dir, num_classes=None,
                            label_vector=False):
     """Write identities of a folder dataset as InsightFace packs them.
 
-    Defined in :numref:`sec_facerecognition_dataset`"""
+    Defined in :numref:`sec_facerecognition_packing`"""
     image_size, all_classes = read_facerec_meta(data_dir)
     num_classes = num_classes or all_classes
     items = list_facerec_images(data_dir, all_classes)
@@ -408,245 +544,6 @@ def write_insightface_pack(data_dir, out_dir, num_classes=None,
         publish.move_all((tmp + ext, os.path.join(out_dir, n)) for ext, n in
                          zip(('.rec', '.idx', '.property'), names))
     return out_dir
-
-ARCFACE_TEMPLATE = formats.ARCFACE_TEMPLATE  # (5, 2): x, y in a 112x112 crop
-
-def check_landmarks(landmark):
-    """Return landmarks as a float64 (5, 2) array, or raise ValueError.
-
-    Defined in :numref:`subsec_facerec_insightface_packs`"""
-    landmark = onp.asarray(landmark)
-    if landmark.dtype.kind not in 'iuf':  # not complex, text or huge ints
-        raise ValueError(f'landmark must hold real numbers, not '
-                         f'{landmark.dtype}')
-    landmark = landmark.astype(onp.float64)
-    if landmark.shape != (5, 2):
-        raise ValueError(f'landmark must have shape (5, 2), not '
-                         f'{landmark.shape}')
-    if not onp.isfinite(landmark).all():
-        raise ValueError('landmark holds NaN or infinite values')
-    if onp.abs(landmark).max() >= 1e6:  # far outside any photo
-        raise ValueError(f'landmark coordinates must lie within a million '
-                         f'pixels, not {onp.abs(landmark).max():g}')
-    xs, ys = landmark.T.tolist()
-    mean_x, mean_y = sum(xs) / 5, sum(ys) / 5
-    sxx = syy = sxy = 0.0
-    for x, y in zip(xs, ys):
-        x, y = x - mean_x, y - mean_y
-        sxx, syy, sxy = sxx + x * x, syy + y * y, sxy + x * y
-    # Eigenvalues of [[sxx, sxy], [sxy, syy]], the squared singular values
-    # of the centered points: the larger from the closed form, the smaller as
-    # determinant / larger (which avoids subtracting nearly equal numbers).
-    large = (sxx + syy) / 2 + (((sxx - syy) / 2) ** 2 + sxy ** 2) ** 0.5
-    small = max(sxx * syy - sxy ** 2, 0.0) / large if large > 0 else 0.0
-    if large < 1:  # the points spread over less than about a pixel
-        raise ValueError('landmark points all coincide (within a pixel)')
-    if small < 1e-6 * large:  # one axis is 1000 times shorter than the other
-        raise ValueError('landmark points are collinear')
-    return landmark
-
-def estimate_similarity(src, dst):
-    """Least-squares similarity transform mapping src onto dst: (2, 3).
-
-    Defined in :numref:`subsec_facerec_insightface_packs`"""
-    xs, ys = onp.asarray(src).T.tolist()
-    us, vs = onp.asarray(dst).T.tolist()
-    n = len(xs)
-    px, py, qx, qy = sum(xs) / n, sum(ys) / n, sum(us) / n, sum(vs) / n
-    norm = dot = cross = 0.0  # the sums in the formulas for a and b
-    for x, y, u, v in zip(xs, ys, us, vs):
-        x, y, u, v = x - px, y - py, u - qx, v - qy
-        norm += x * x + y * y
-        dot += x * u + y * v
-        cross += x * v - y * u
-    a, b = (dot / norm, cross / norm) if norm else (onp.nan, onp.nan)
-    return onp.array([[a, -b, qx - a * px + b * py],
-                      [b, a, qy - b * px - a * py]])
-
-WARP_DTYPES = ('uint8', 'uint16', 'int16', 'float32', 'float64')
-
-def check_image(image):
-    """Return `image` if OpenCV can warp it, else raise ValueError.
-
-    Defined in :numref:`subsec_facerec_insightface_packs`"""
-    if not isinstance(image, onp.ndarray) or image.ndim not in (2, 3) \
-            or image.size == 0 or image.ndim == 3 and image.shape[2] > 4:
-        raise ValueError('image must be a non-empty numpy array of shape '
-                         '(h, w) or (h, w, c) with at most 4 channels')
-    if image.dtype.name not in WARP_DTYPES:
-        raise ValueError(f'image of dtype {image.dtype}: OpenCV warps only '
-                         f'{", ".join(WARP_DTYPES)}')
-    if max(image.shape[:2]) >= 32767:  # SHRT_MAX, OpenCV's limit
-        raise ValueError(f'image of {image.shape[1]}x{image.shape[0]} '
-                         f'pixels: OpenCV warps sides below 32767 only')
-    return image
-
-def face_align(image, landmark, image_size=112):
-    """Warp a face so its 5 landmarks match the ArcFace template.
-
-    Defined in :numref:`subsec_facerec_insightface_packs`"""
-    if isinstance(image_size, bool) or not isinstance(
-            image_size, (int, onp.integer)) or not 0 < image_size or \
-            image_size ** 2 > formats.MAX_CROP_PIXELS:
-        raise ValueError(f'image_size must be a positive integer of at most '
-                         f'{math.isqrt(formats.MAX_CROP_PIXELS)}, not '
-                         f'{image_size!r}')
-    h, w = check_image(image).shape[:2]
-    landmark = check_landmarks(landmark)
-    if (abs(landmark - [w / 2, h / 2]) > [1.5 * w, 1.5 * h]).any():
-        raise ValueError(f'landmark points lie more than a whole image '
-                         f'outside the {w}x{h} image: no face to crop there')
-    M = estimate_similarity(landmark, ARCFACE_TEMPLATE *
-                            (image_size / formats.TEMPLATE_SIZE))
-    return cv2.warpAffine(image, M, (int(image_size),) * 2, borderValue=0.0)
-
-# The opening of torch.save's older format (the pickled magic number
-# 0x1950a86a20f9469cfc6c), and the records of its zip archives
-TORCH_LEGACY_MAGIC = b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.'
-TORCH_SAVE_RECORDS = (r'data\.pkl|byteorder|version|\.format_version|'
-                      r'\.storage_alignment|\.data/(serialization_id|version)|'
-                      r'data/[0-9]+')
-
-def check_tensor_file(data, path):
-    """Refuse all but a `torch.save` file, so that torch.load runs no code.
-
-    Defined in :numref:`subsec_facerec_insightface_packs`"""
-    import io
-    import re
-    import torch
-    if data.startswith(TORCH_LEGACY_MAGIC):  # read by the restricted unpickler
-        return
-    if not data.startswith(b'PK\x03\x04'):  # what torch.load takes for a zip
-        raise ValueError(f'{path}: not a file written by torch.save')
-    try:  # the reader torch.load uses, so that we see the records it sees
-        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
-        records = reader.get_all_records()
-    except Exception as e:
-        raise ValueError(f'{path}: not a readable zip archive ({e})') from e
-    others = [r for r in records if not re.fullmatch(TORCH_SAVE_RECORDS, r)]
-    if others:  # e.g. constants.pkl and code/: a TorchScript archive
-        raise ValueError(f'{path}: a zip archive with records {others[:3]} '
-                         f'that torch.save never writes (TorchScript?); '
-                         f'refused, since torch.load would run its code')
-
-def load_tensors(path, max_bytes=1 << 30):
-    """Tensors, in dicts and lists, from a torch.save file: runs no code.
-
-    Defined in :numref:`subsec_facerec_insightface_packs`"""
-    import io
-    import torch  # imported on use: the MXNet library need not load PyTorch
-    data = formats.read_regular_file(path, max_bytes)  # refuses FIFOs too
-    check_tensor_file(data, path)  # before torch.load, which may run code
-    try:
-        # The restricted unpickler builds tensors, dicts and numbers only;
-        # any other global that the pickle names is refused, never called.
-        return torch.load(io.BytesIO(data), map_location='cpu',
-                          weights_only=True)
-    except Exception as e:  # nothing from the file has run: it is malformed
-        # PyTorch's message opens with advice to load unsafely; keep the cause.
-        cause = [line for line in str(e).splitlines()
-                 if line.strip() and 'weights_only' not in line]
-        raise ValueError(f'{path}: not a PyTorch file of plain tensors '
-                         f'({cause[0] if cause else type(e).__name__})') from e
-
-def read_state_dict(path, max_bytes=1 << 30):
-    """Tensors by name from a PyTorch file, without running code from it.
-
-    Defined in :numref:`subsec_facerec_insightface_packs`"""
-    import torch
-    state = load_tensors(path, max_bytes)
-    if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor)
-            for k, v in state.items()):
-        raise ValueError(f'{path}: holds a {type(state).__name__}, not a '
-                         f'state dict of named tensors')
-    return state
-
-def save_tensors(tensors, path):
-    """`torch.save` to `path`, which ends up whole or as it was before.
-
-    Defined in :numref:`subsec_facerec_insightface_packs`"""
-    import torch
-    with publish.writing(path) as f:  # a link at path is replaced, not followed
-        torch.save(tensors, f)
-    return path
-
-def load_mtcnn(folder=None):
-    """MTCNN's P-Net, R-Net and O-Net, weights read by `read_state_dict`.
-
-    Defined in :numref:`subsec_facerec_insightface_packs`"""
-    import facenet_pytorch  # PyTorch modules, in the MXNet tab too
-    if folder is None:  # the weights ship inside the package
-        folder = os.path.join(os.path.dirname(facenet_pytorch.__file__),
-                              'data')
-    nets = []
-    for name, net_class in [('pnet', facenet_pytorch.PNet),
-                            ('rnet', facenet_pytorch.RNet),
-                            ('onet', facenet_pytorch.ONet)]:
-        path = os.path.join(folder, name + '.pt')
-        net = net_class(pretrained=False)  # True would unpickle freely
-        try:
-            net.load_state_dict(read_state_dict(path))
-        except RuntimeError as e:  # names or shapes that do not fit the net
-            raise ValueError(f'{path}: not the weights of {name}: {e}') from e
-        nets.append(net.eval())
-    return nets
-
-MAX_PHOTO_PIXELS = 5000 * 5000  # MTCNN would take more than a gigabyte
-
-def check_photo(image):
-    """Return `image` if it is an RGB uint8 photo (h, w, 3), else raise.
-
-    Defined in :numref:`subsec_facerec_insightface_packs`"""
-    if not isinstance(image, onp.ndarray) or image.ndim != 3 \
-            or image.shape[2] != 3 or image.size == 0:
-        shape = getattr(image, 'shape', type(image).__name__)
-        raise ValueError(f'expected an RGB photo of shape (h, w, 3), not '
-                         f'{shape}')
-    if image.dtype != onp.uint8:
-        raise ValueError(f'expected a uint8 photo (0..255), not {image.dtype}')
-    if image.shape[0] * image.shape[1] > MAX_PHOTO_PIXELS:
-        raise ValueError(f'a photo of {image.shape[1]}x{image.shape[0]} '
-                         f'pixels, more than MAX_PHOTO_PIXELS '
-                         f'({MAX_PHOTO_PIXELS}); scale it down first')
-    return image
-
-def check_detector(nets, min_face_size):
-    """Refuse a face size below P-Net's window, and nets other than three.
-
-    Defined in :numref:`subsec_facerec_insightface_packs`"""
-    if isinstance(min_face_size, bool) or not isinstance(
-            min_face_size, (int, onp.integer)) or min_face_size < 12:
-        raise ValueError(f'min_face_size must be an integer of at least 12 '
-                         f'(P-Net\'s window), not {min_face_size!r}')
-    if nets is not None and (not isinstance(nets, (list, tuple))
-                             or len(nets) != 3):
-        raise ValueError(f'nets must be the three networks P-Net, R-Net '
-                         f'and O-Net that load_mtcnn returns, not {nets!r}')
-
-def detect_faces(image, nets=None, min_face_size=20):
-    """Faces in an RGB photo: [(box, score, landmarks)], best score first.
-
-    Defined in :numref:`subsec_facerec_insightface_packs`"""
-    import torch
-    from facenet_pytorch.models.utils.detect_face import detect_face
-    check_photo(image)
-    check_detector(nets, min_face_size)
-    if min(image.shape[:2]) < min_face_size:
-        return []  # and MTCNN's image pyramid would be empty
-    nets = load_mtcnn() if nets is None else nets
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            boxes, points = detect_face(image, min_face_size, *nets,
-                                        [0.6, 0.7, 0.7], 0.709, 'cpu')
-    finally:
-        torch.set_num_threads(threads)
-    faces = [(onp.array(box[:4], dtype=onp.float64), float(box[4]),
-              onp.array(landmarks, dtype=onp.float64))
-             for box, landmarks in zip(boxes[0], points[0])]
-    return sorted(faces, key=lambda face: -face[1])
 
 class ChannelPReLU(nn.HybridBlock):
     """PReLU with one learned slope per channel, for (N, C, H, W) inputs.

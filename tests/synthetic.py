@@ -98,3 +98,8 @@ def smuggled(hidden, shown=(112, 112)):
     length = len(body) + 2
     return (b'\xff\xd8\xff\x00' + bytes([length >> 8, length & 255]) + body
             + fake_frame + b'\xff\xd9')
+
+
+def to_numpy(x):
+    """A NumPy array of a batch of either tab: MXNet's or PyTorch's."""
+    return x.asnumpy() if hasattr(x, 'asnumpy') else x.numpy()

@@ -1,8 +1,14 @@
-"""Detecting faces and landmarks with MTCNN (dataset section, last part)."""
+"""Detecting Faces and Landmarks: MTCNN in both tabs (the `d2lf` fixture),
+and the PyTorch files of the chapter: load_tensors runs no code from a file,
+and save_tensors leaves the file whole or as it was."""
 import io
 import os
 import pickle
+import re
 import shutil
+import tarfile
+import zipfile
+from typing import List
 
 import numpy as onp
 import pytest
@@ -10,18 +16,18 @@ import torch
 from skimage import data as skimage_data
 
 import facenet_pytorch
-from d2l_face import mxnet as d2lf
+from d2l_face import checks, publish
 
-# The astronaut's five landmarks as the section places them by hand: an
-# independent estimate to compare MTCNN's with, not MTCNN's own output.
-HAND_PLACED = onp.array([[204.4, 101.9], [247.1, 103.1], [225.6, 126.9],
-                         [202.5, 140.0], [245.0, 139.0]])
+from synthetic import REPO
+
 WEIGHTS = os.path.join(os.path.dirname(facenet_pytorch.__file__), 'data')
 
 
 @pytest.fixture(scope='module')
 def nets():
-    return d2lf.load_mtcnn()
+    """MTCNN's networks, PyTorch modules in both tabs."""
+    from d2l_face import torch as d2lf_torch
+    return d2lf_torch.load_mtcnn()
 
 
 @pytest.fixture(scope='module')
@@ -40,14 +46,16 @@ def check_face(face, image):
     assert ((landmarks >= box[:2]) & (landmarks <= box[2:])).all()
 
 
-def test_astronaut_landmarks_near_hand_placed(nets, astronaut):
+def test_astronaut_landmarks_near_hand_placed(d2lf, nets, astronaut):
     faces = d2lf.detect_faces(astronaut, nets)
     assert len(faces) == 1
     check_face(faces[0], astronaut)
     box, score, landmarks = faces[0]
     assert score > 0.99
-    distances = onp.linalg.norm(landmarks - HAND_PLACED, axis=1)
-    eye_distance = onp.linalg.norm(HAND_PLACED[1] - HAND_PLACED[0])
+    # Placed by hand: an independent estimate, not MTCNN's own output.
+    by_hand = d2lf.ASTRONAUT_LANDMARKS
+    distances = onp.linalg.norm(landmarks - by_hand, axis=1)
+    eye_distance = onp.linalg.norm(by_hand[1] - by_hand[0])
     assert distances.max() < 4, distances  # a few pixels ...
     assert distances.max() < 0.1 * eye_distance  # ... on a face this size
     # The landmarks come in the template's order: image-left eye first.
@@ -55,7 +63,7 @@ def test_astronaut_landmarks_near_hand_placed(nets, astronaut):
     assert landmarks[3, 0] < landmarks[4, 0]
 
 
-def test_detection_is_deterministic(nets, astronaut):
+def test_detection_is_deterministic(d2lf, nets, astronaut):
     first, second = (d2lf.detect_faces(astronaut, nets) for _ in range(2))
     for a, b in zip(first, second):
         onp.testing.assert_array_equal(a[0], b[0])
@@ -63,15 +71,16 @@ def test_detection_is_deterministic(nets, astronaut):
         onp.testing.assert_array_equal(a[2], b[2])
 
 
-def test_thread_count_is_restored(nets, astronaut):
+def test_thread_count_is_restored(d2lf, nets, astronaut):
     threads = torch.get_num_threads()
     d2lf.detect_faces(astronaut, nets)
     assert torch.get_num_threads() == threads
 
 
-def test_detected_landmarks_align_like_hand_placed(nets, astronaut):
+def test_detected_landmarks_align_like_hand_placed(d2lf, nets, astronaut):
     (_, _, landmarks), = d2lf.detect_faces(astronaut, nets)
-    by_hand = d2lf.face_align(astronaut, HAND_PLACED).astype(float)
+    by_hand = d2lf.face_align(astronaut,
+                              d2lf.ASTRONAUT_LANDMARKS).astype(float)
     detected = d2lf.face_align(astronaut, landmarks).astype(float)
     assert detected.shape == (112, 112, 3)
     # The same face, shifted by a pixel or so: far closer than to a crop of
@@ -87,17 +96,17 @@ def test_detected_landmarks_align_like_hand_placed(nets, astronaut):
     onp.zeros((100, 80, 3), onp.uint8),
     onp.full((30, 500, 3), 255, onp.uint8),
 ], ids=['coffee', 'noise', 'black', 'white strip'])
-def test_no_face_gives_an_empty_list(nets, image):
+def test_no_face_gives_an_empty_list(d2lf, nets, image):
     assert d2lf.detect_faces(image, nets) == []
 
 
 @pytest.mark.parametrize('shape', [(19, 400, 3), (400, 19, 3), (1, 1, 3)])
-def test_photo_smaller_than_a_face_has_none(nets, shape):
+def test_photo_smaller_than_a_face_has_none(d2lf, nets, shape):
     # MTCNN's own code fails on these (its image pyramid is empty).
     assert d2lf.detect_faces(onp.zeros(shape, onp.uint8), nets) == []
 
 
-def test_two_faces_give_two_results_best_first(nets, astronaut):
+def test_two_faces_give_two_results_best_first(d2lf, nets, astronaut):
     width = astronaut.shape[1]
     two = onp.concatenate([astronaut, astronaut[:, ::-1]], axis=1)
     faces = d2lf.detect_faces(two, nets)
@@ -123,18 +132,18 @@ def test_two_faces_give_two_results_best_first(nets, astronaut):
     (onp.zeros((64, 64, 3), onp.int64), 'uint8 photo.*not int64'),
     ([[[0, 0, 0]]], 'not list'),
 ])
-def test_wrong_input_is_refused_clearly(nets, image, message):
+def test_wrong_input_is_refused_clearly(d2lf, nets, image, message):
     with pytest.raises(ValueError, match=message):
         d2lf.detect_faces(image, nets)
 
 
 @pytest.mark.parametrize('size', [0, 11, -20, 20.0, True, None])
-def test_min_face_size_must_fit_pnet(nets, astronaut, size):
+def test_min_face_size_must_fit_pnet(d2lf, nets, astronaut, size):
     with pytest.raises(ValueError, match='min_face_size'):
         d2lf.detect_faces(astronaut, nets, min_face_size=size)
 
 
-def test_weights_are_plain_state_dicts():
+def test_weights_are_plain_state_dicts(d2lf):
     for name in ('pnet', 'rnet', 'onet'):
         state = d2lf.read_state_dict(os.path.join(WEIGHTS, name + '.pt'))
         assert state and all(isinstance(v, torch.Tensor)
@@ -152,7 +161,7 @@ class Payload:
 
 
 @pytest.mark.parametrize('zip_format', [True, False], ids=['zip', 'legacy'])
-def test_a_pickle_that_runs_code_is_refused(tmp_path, zip_format):
+def test_a_pickle_that_runs_code_is_refused(d2lf, tmp_path, zip_format):
     marker = str(tmp_path / 'code-ran')
     path = tmp_path / 'pnet.pt'
     with open(path, 'wb') as f:
@@ -166,7 +175,7 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, zip_format):
     assert os.path.exists(marker)
 
 
-def test_load_mtcnn_uses_the_restricted_loader(tmp_path):
+def test_load_mtcnn_uses_the_restricted_loader(d2lf, tmp_path):
     folder = tmp_path / 'weights'
     shutil.copytree(WEIGHTS, folder)
     marker = str(tmp_path / 'code-ran')
@@ -180,14 +189,14 @@ def test_load_mtcnn_uses_the_restricted_loader(tmp_path):
 @pytest.mark.parametrize('content', [
     b'', b'not a pickle', pickle.dumps([1, 2, 3], protocol=2),
     pickle.dumps({'w': 1.0}, protocol=2)])
-def test_malformed_weights_are_refused_by_name(tmp_path, content):
+def test_malformed_weights_are_refused_by_name(d2lf, tmp_path, content):
     path = tmp_path / 'onet.pt'
     path.write_bytes(content)
     with pytest.raises(ValueError, match='onet.pt'):
         d2lf.read_state_dict(path)
 
 
-def test_weights_of_the_wrong_network_are_refused(tmp_path):
+def test_weights_of_the_wrong_network_are_refused(d2lf, tmp_path):
     folder = tmp_path / 'weights'
     shutil.copytree(WEIGHTS, folder)
     shutil.copy(folder / 'onet.pt', folder / 'pnet.pt')
@@ -195,14 +204,14 @@ def test_weights_of_the_wrong_network_are_refused(tmp_path):
         d2lf.load_mtcnn(str(folder))
 
 
-def test_a_fifo_is_refused_without_blocking(tmp_path):
+def test_a_fifo_is_refused_without_blocking(d2lf, tmp_path):
     path = tmp_path / 'pnet.pt'
     os.mkfifo(path)
     with pytest.raises(ValueError, match='not a regular file'):
         d2lf.read_state_dict(path)
 
 
-def test_a_state_dict_reads_back_exactly(tmp_path):
+def test_a_state_dict_reads_back_exactly(d2lf, tmp_path):
     state = {'a': torch.arange(6.0).reshape(2, 3), 'b': torch.ones(2)}
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -223,7 +232,7 @@ def mtcnn_must_not_run(monkeypatch):
 
 
 @pytest.mark.parametrize('shape', [(20000, 20000, 3), (5000, 5001, 3)])
-def test_a_photo_above_the_pixel_limit_is_refused_before_mtcnn(
+def test_a_photo_above_the_pixel_limit_is_refused_before_mtcnn(d2lf, 
         nets, monkeypatch, shape):
     mtcnn_must_not_run(monkeypatch)
     # A view of one pixel: the photo's size without its memory.
@@ -233,12 +242,154 @@ def test_a_photo_above_the_pixel_limit_is_refused_before_mtcnn(
         d2lf.detect_faces(huge, nets)
     at_limit = onp.broadcast_to(onp.zeros((1, 1, 3), onp.uint8),
                                 (5000, 5000, 3))
-    assert d2lf.check_photo(at_limit) is at_limit
+    assert checks.check_photo(at_limit) is at_limit
 
 
 @pytest.mark.parametrize('bad', [[], (), 'abc', [1, 2]],
                          ids=['empty list', 'empty tuple', 'str', 'two'])
-def test_nets_other_than_the_three_are_refused_by_name(astronaut, bad):
+def test_nets_other_than_the_three_are_refused_by_name(d2lf, astronaut, bad):
     with pytest.raises(ValueError, match='three networks P-Net, R-Net and '
                                          'O-Net that load_mtcnn returns'):
         d2lf.detect_faces(astronaut, bad)
+
+
+# PyTorch files: read without running code, written whole.
+
+class MarkerWriter(torch.nn.Module):
+    """Loading its TorchScript archive runs __setstate__, which writes a
+    file: code from the archive, run by torch.load(weights_only=True)."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> List[str]:
+        return [self.marker]
+
+    @torch.jit.export
+    def __setstate__(self, state: List[str]) -> None:
+        self.marker = state[0]
+        # Used below, or TorchScript drops the write as dead code.
+        written = torch.from_file(state[0], shared=True, size=4).fill_(1)
+        self.training = bool(written.sum() < 0)
+
+
+def torchscript_archive(path, marker):
+    torch.jit.save(torch.jit.script(MarkerWriter(str(marker))), str(path))
+
+
+@pytest.mark.skipif(
+    tuple(int(p) for p in torch.__version__.split('.')[:2]) >= (2, 6),
+    reason='PyTorch 2.6 refuses TorchScript under weights_only=True')
+def test_the_crafted_archive_runs_code_in_torch_load(tmp_path):
+    # The threat is real: PyTorch 2.5's torch.load hands it to torch.jit.load.
+    marker = tmp_path / 'code-ran'
+    torchscript_archive(tmp_path / 'net.pt', marker)
+    assert not marker.exists()
+    with pytest.warns(UserWarning, match='TorchScript'):
+        torch.load(tmp_path / 'net.pt', weights_only=True)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize('load', ['load_tensors', 'read_state_dict'])
+def test_a_torchscript_archive_is_refused_before_loading(d2lf, tmp_path,
+                                                          load):
+    marker = tmp_path / 'code-ran'
+    path = tmp_path / 'net.pt'
+    torchscript_archive(path, marker)
+    with pytest.raises(ValueError) as error:
+        getattr(d2lf, load)(str(path))
+    assert not marker.exists()  # checked first: old versions wrote it
+    assert re.search(r'net\.pt: .*constants\.pkl', str(error.value))
+
+
+def test_load_mtcnn_refuses_a_torchscript_archive(d2lf, tmp_path):
+    folder = tmp_path / 'weights'
+    shutil.copytree(WEIGHTS, folder)
+    marker = tmp_path / 'code-ran'
+    torchscript_archive(folder / 'onet.pt', marker)
+    with pytest.raises(ValueError) as error:
+        d2lf.load_mtcnn(str(folder))
+    assert not marker.exists()
+    assert re.search(r'onet\.pt: .*TorchScript', str(error.value))
+
+
+def test_a_tar_archive_is_refused_by_name(d2lf, tmp_path):
+    # PyTorch's first format; torch.load extracts it to a folder of its own.
+    path = tmp_path / 'old.pt'
+    with tarfile.open(path, 'w') as tar:
+        info = tarfile.TarInfo('storages')
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b'abc'))
+    with pytest.raises(ValueError, match=r'old\.pt: not a file written by '
+                                         r'torch\.save'):
+        d2lf.load_tensors(str(path))
+
+
+def test_a_zip_with_other_records_is_refused(d2lf, tmp_path):
+    buffer = io.BytesIO()
+    torch.save({'w': torch.ones(2)}, buffer)
+    path = tmp_path / 'net.pt'
+    path.write_bytes(buffer.getvalue())
+    assert d2lf.load_tensors(str(path))['w'].tolist() == [1.0, 1.0]
+    with zipfile.ZipFile(path, 'a') as archive:
+        archive.writestr('archive/code/__torch__.py', 'print(1)')
+    with pytest.raises(ValueError, match=r'net\.pt: .*code/__torch__\.py'):
+        d2lf.load_tensors(str(path))
+
+
+def test_nested_tensors_and_numbers_round_trip(d2lf, tmp_path):
+    path = str(tmp_path / 'rank0.pt')
+    saved = {'net': {'w': torch.arange(3.0)}, 'start': 7,
+             'loss': torch.ones(2)}
+    assert d2lf.save_tensors(saved, path) == path
+    loaded = d2lf.load_tensors(path)
+    assert loaded['start'] == 7 and torch.equal(loaded['net']['w'],
+                                                saved['net']['w'])
+
+
+def test_a_link_at_the_path_is_replaced_not_followed(d2lf, tmp_path):
+    victim = tmp_path / 'victim'
+    victim.write_bytes(b'keep')
+    path = tmp_path / 'net.pt'
+    path.symlink_to(victim)
+    d2lf.save_tensors({'w': torch.ones(1)}, str(path))
+    assert victim.read_bytes() == b'keep'
+    assert not path.is_symlink()
+    assert torch.equal(d2lf.read_state_dict(str(path))['w'], torch.ones(1))
+
+
+def test_an_error_midway_keeps_the_old_file(d2lf, tmp_path):
+    path = str(tmp_path / 'net.pt')
+    d2lf.save_tensors({'w': torch.ones(1)}, path)
+    # The tensor is written, then pickling the lambda fails.
+    with pytest.raises(Exception, match='lambda|pickle'):
+        d2lf.save_tensors({'w': torch.zeros(1000), 'f': lambda: 0}, path)
+    assert torch.equal(d2lf.read_state_dict(path)['w'], torch.ones(1))
+    assert os.listdir(tmp_path) == ['net.pt']
+
+
+def test_a_killed_writers_temporary_goes_at_the_next_save(d2lf, tmp_path):
+    dead = publish.temp_path(str(tmp_path), pid=2 ** 31 + 7)  # no such pid
+    open(dead, 'wb').close()
+    d2lf.save_tensors({'w': torch.ones(1)}, str(tmp_path / 'net.pt'))
+    assert os.listdir(tmp_path) == ['net.pt']
+
+
+def test_the_notebooks_load_and_save_through_the_helpers():
+    folder = os.path.join(REPO, 'chapter_face_recognition')
+    direct = []
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name)) as f:
+            for number, line in enumerate(f, 1):
+                code = line.split('#')[0]
+                if re.search(r'torch\.(load|save|jit\.load)\(', code) and \
+                        not re.search(r'\btorch\.(load|save)\(io\.BytesIO'
+                                      r'\(data\)|torch\.save\(tensors, f\)',
+                                      code):
+                    direct.append(f'{name}:{number}: {line.strip()}')
+    assert not direct, 'use load_tensors / save_tensors:\n' + '\n'.join(direct)

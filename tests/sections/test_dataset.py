@@ -1,18 +1,23 @@
-"""Section 1 (Datasets and Pre-processing): what its saved helpers promise."""
+"""Datasets and Pre-processing: what the section's saved helpers promise,
+in both tabs (the `d2lf` fixture), and what damaged datasets do to them."""
 import json
 import os
 import pickle
 import shutil
+import tempfile
 
 import cv2
 import numpy as onp
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from skimage import transform as skimage_transform
 
-from d2l_face import binsets, downloads, formats, standin
-from d2l_face import mxnet as d2lf
+from d2l_face import binsets, checks, downloads, formats, standin
 
-from synthetic import NUM_CLASSES, PER_CLASS
+from synthetic import NUM_CLASSES, PER_CLASS, to_numpy
+
+TEMPLATE = formats.ARCFACE_TEMPLATE
 
 
 @pytest.fixture
@@ -23,13 +28,13 @@ def data_dir(standin_root, tmp_path):
     return copy
 
 
-def test_meta_of_standin(standin_root):
+def test_meta_of_standin(d2lf, standin_root):
     size, num_classes = d2lf.read_facerec_meta(
         standin_root / standin.DATASET_DIR)
     assert size == (112, 112) and num_classes == NUM_CLASSES
 
 
-def test_missing_property_names_the_file(data_dir):
+def test_missing_property_names_the_file(d2lf, data_dir):
     os.remove(data_dir / 'property')
     with pytest.raises(FileNotFoundError, match='property'):
         d2lf.read_facerec_meta(data_dir)
@@ -37,33 +42,33 @@ def test_missing_property_names_the_file(data_dir):
 
 @pytest.mark.parametrize('line', ['', '300,112', 'a,b,c', '300;112;112',
                                   '0,112,112', '300,112,112,1', '-1,112,112'])
-def test_malformed_property_names_file_and_line(data_dir, line):
+def test_malformed_property_names_file_and_line(d2lf, data_dir, line):
     (data_dir / 'property').write_text(line + '\n')
     with pytest.raises(ValueError, match='property'):
         d2lf.read_facerec_meta(data_dir)
 
 
-def test_fewer_folders_than_claimed(data_dir):
+def test_fewer_folders_than_claimed(d2lf, data_dir):
     shutil.rmtree(data_dir / '00000003')
     with pytest.raises(FileNotFoundError, match='00000003'):
         d2lf.FaceDataset(data_dir)
 
 
-def test_truncated_jpeg_names_the_file(data_dir):
+def test_truncated_jpeg_names_the_file(d2lf, data_dir):
     path = sorted((data_dir / '00000001').glob('*.jpg'))[0]
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(ValueError, match=path.name):
         d2lf.read_face_image(str(path))
 
 
-def test_garbage_jpeg_names_the_file(data_dir):
+def test_garbage_jpeg_names_the_file(d2lf, data_dir):
     path = sorted((data_dir / '00000001').glob('*.jpg'))[0]
     path.write_bytes(b'not a jpeg' * 10 + b'\xff\xd9')
     with pytest.raises(ValueError, match=path.name):
         d2lf.read_face_image(str(path))
 
 
-def test_wrong_size_image_names_the_file(data_dir):
+def test_wrong_size_image_names_the_file(d2lf, data_dir):
     path = sorted((data_dir / '00000002').glob('*.jpg'))[0]
     ok, jpeg = cv2.imencode('.jpg', onp.zeros((64, 80, 3), onp.uint8))
     path.write_bytes(jpeg.tobytes())
@@ -73,22 +78,23 @@ def test_wrong_size_image_names_the_file(data_dir):
         dataset[index]
 
 
-def test_dataset_items_are_tensors_with_labels(data_dir):
+def test_dataset_items_are_tensors_with_labels(d2lf, data_dir):
     dataset = d2lf.FaceDataset(data_dir)
     assert len(dataset) == NUM_CLASSES * PER_CLASS
     image, label = dataset[len(dataset) - 1]
+    image = to_numpy(image)
     assert image.shape == (3, 112, 112) and image.dtype == onp.float32
     assert 0 <= float(image.min()) and float(image.max()) <= 1
     assert label == NUM_CLASSES - 1
 
 
-def test_random_flip_happens_and_is_only_a_flip(data_dir):
+def test_random_flip_happens_and_is_only_a_flip(d2lf, data_dir):
     dataset = d2lf.FaceDataset(data_dir)
     path, _ = dataset.items[0]
     raw = d2lf.read_face_image(path).transpose(2, 0, 1) / 255
     seen = set()
     for _ in range(40):
-        image = dataset[0][0].asnumpy()
+        image = to_numpy(dataset[0][0])
         if onp.allclose(image, raw, atol=1e-6):
             seen.add('as is')
         elif onp.allclose(image, raw[:, :, ::-1], atol=1e-6):
@@ -98,29 +104,50 @@ def test_random_flip_happens_and_is_only_a_flip(data_dir):
     assert seen == {'as is', 'flipped'}
 
 
-def test_loader_batches_and_verification_set(standin_root):
-    data_dir = standin_root / standin.DATASET_DIR
-    train_iter, sets = d2lf.load_data_facerec(data_dir, ['lfw_small'], 8)
-    batches = list(train_iter)
-    # last_batch='discard': only full batches.
-    assert len(batches) == NUM_CLASSES * PER_CLASS // 8
-    labels = []
-    for X, y in batches:
-        assert X.shape == (8, 3, 112, 112) and y.shape == (8,)
-        labels += y.asnumpy().tolist()
-    assert min(labels) >= 0 and max(labels) < NUM_CLASSES
-    images, issame = sets['lfw_small']
-    assert images.shape == (2, 40, 3, 112, 112) and images.dtype == onp.uint8
-    assert issame.shape == (20,) and issame.sum() == 10
+def seed_framework(d2lf, seed):
+    """Seed the random numbers of the tab's framework (its flips)."""
+    if hasattr(d2lf, 'torch'):
+        d2lf.torch.manual_seed(seed)
+    else:
+        d2lf.mx.random.seed(seed)
 
 
-def test_missing_verification_set(standin_root):
-    with pytest.raises(FileNotFoundError, match='cfp_fp.bin'):
-        d2lf.load_data_facerec(standin_root / standin.DATASET_DIR,
-                                ['cfp_fp'], 8)
+def test_face_dataset_flips_about_half(d2lf, data_dir):
+    dataset = d2lf.FaceDataset(data_dir)
+    path, _ = dataset.items[0]
+    plain = d2lf.read_face_image(path).transpose(2, 0, 1) / onp.float32(255)
+    seed_framework(d2lf, 0)
+    flips = [onp.array_equal(to_numpy(dataset[0][0]), plain[:, :, ::-1])
+             for _ in range(400)]
+    assert 140 < sum(flips) < 260  # binomial(400, 1/2): 6 sigma either way
 
 
-def test_bin_round_trip(tmp_path):
+def test_face_dataset_with_torchs_data_loader(data_dir):
+    import torch
+    from d2l_face import torch as d2lf
+    dataset = d2lf.FaceDataset(data_dir)
+    assert isinstance(dataset, torch.utils.data.Dataset)
+    assert len(dataset) == NUM_CLASSES * PER_CLASS
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True,
+                                         drop_last=True, num_workers=2)
+    images = {}
+    for path, label in dataset.items:
+        x = d2lf.read_face_image(path).transpose(2, 0, 1) / onp.float32(255)
+        images[x.tobytes()] = label
+    num_batches = 0
+    for X, y in loader:
+        num_batches += 1
+        assert X.shape == (4, 3, 112, 112) and X.dtype == torch.float32
+        assert y.shape == (4,) and y.dtype == torch.int64
+        for x, label in zip(X.numpy(), y.tolist()):
+            key = x.tobytes()
+            if key not in images:  # then it must be the mirror image
+                key = onp.ascontiguousarray(x[:, :, ::-1]).tobytes()
+            assert images[key] == label
+    assert num_batches == len(dataset) // 4
+
+
+def test_bin_round_trip(d2lf, tmp_path):
     rng = onp.random.default_rng(0)
     faces = [rng.integers(0, 256, (112, 112, 3), dtype=onp.uint8)
              for _ in range(4)]
@@ -137,14 +164,14 @@ def test_bin_round_trip(tmp_path):
                                        images[0, i][:, :, ::-1])
 
 
-def test_bin_with_undecodable_image(tmp_path):
+def test_bin_with_undecodable_image(d2lf, tmp_path):
     path = str(tmp_path / 'bad.bin')
     binsets.save_bin_pairs(path, [b'junk', b'junk'], [True])
     with pytest.raises(ValueError, match='image 0'):
         d2lf.load_bin(path)
 
 
-def test_similarity_matches_scikit_image():
+def test_similarity_matches_scikit_image(d2lf):
     rng = onp.random.default_rng(1)
     for _ in range(20):
         src = rng.uniform(0, 300, (5, 2))
@@ -155,14 +182,14 @@ def test_similarity_matches_scikit_image():
                                     tform.params[:2], atol=1e-9)
 
 
-def test_template_landmarks_give_identity_warp():
+def test_template_landmarks_give_identity_warp(d2lf):
     image = onp.random.default_rng(2).integers(0, 256, (112, 112, 3),
                                                dtype=onp.uint8)
     aligned = d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE)
     onp.testing.assert_array_equal(aligned, image)
 
 
-def test_wild_landmarks_land_on_template(standin_root):
+def test_wild_landmarks_land_on_template(d2lf, standin_root):
     wild = standin_root / standin.WILD_DIR
     landmarks = json.loads((wild / 'landmarks.json').read_text())
     assert len(landmarks) == 8
@@ -184,7 +211,7 @@ def test_wild_landmarks_land_on_template(standin_root):
     (onp.array([[0, 0], [1, 0], [2, 0], [3, 0], [9, 0]]), 'collinear'),
     (onp.full((5, 2), onp.nan), 'NaN'),
 ])
-def test_bad_landmarks_are_refused(landmark, message):
+def test_bad_landmarks_are_refused(d2lf, landmark, message):
     image = onp.zeros((200, 200, 3), onp.uint8)
     with pytest.raises(ValueError, match=message):
         d2lf.face_align(image, landmark)
@@ -197,13 +224,13 @@ def test_bad_landmarks_are_refused(landmark, message):
     onp.zeros((8, 8, 3), onp.int64), onp.zeros((8, 8, 3), onp.float16),
     onp.zeros((8, 8), onp.complex64), onp.zeros((8, 8), object),
     onp.zeros((32767, 1), onp.uint8)], ids=str)
-def test_images_opencv_cannot_warp_are_refused(image):
+def test_images_opencv_cannot_warp_are_refused(d2lf, image):
     with pytest.raises(ValueError, match='image'):
         d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE)
 
 
-@pytest.mark.parametrize('dtype', d2lf.WARP_DTYPES)
-def test_every_dtype_opencv_warps_is_accepted(dtype):
+@pytest.mark.parametrize('dtype', checks.WARP_DTYPES)
+def test_every_dtype_opencv_warps_is_accepted(d2lf, dtype):
     image = onp.ones((112, 112, 3), dtype)
     aligned = d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE)
     assert aligned.dtype == image.dtype
@@ -212,13 +239,13 @@ def test_every_dtype_opencv_warps_is_accepted(dtype):
 
 @pytest.mark.parametrize('image_size', [0, -112, 2.5, 112.0, '112', None,
                                         True, 32766, 1 << 40])
-def test_image_size_must_be_a_positive_integer(image_size):
+def test_image_size_must_be_a_positive_integer(d2lf, image_size):
     image = onp.zeros((112, 112, 3), onp.uint8)
     with pytest.raises(ValueError, match='image_size'):
         d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE, image_size)
 
 
-def test_other_crop_sizes_scale_the_template():
+def test_other_crop_sizes_scale_the_template(d2lf):
     image = onp.random.default_rng(3).integers(0, 256, (224, 224, 3),
                                                dtype=onp.uint8)
     aligned = d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE * 2,
@@ -227,7 +254,7 @@ def test_other_crop_sizes_scale_the_template():
 
 
 @pytest.mark.parametrize('magnitude', [1e7, 1e160, 1e200, 1e300])
-def test_landmarks_of_absurd_magnitude_are_refused(magnitude):
+def test_landmarks_of_absurd_magnitude_are_refused(d2lf, magnitude):
     image = onp.zeros((200, 200, 3), onp.uint8)
     template = d2lf.ARCFACE_TEMPLATE.astype(onp.float64)
     # A valid face shape, scaled or moved far beyond any photo.
@@ -238,10 +265,10 @@ def test_landmarks_of_absurd_magnitude_are_refused(magnitude):
 
 
 @pytest.mark.parametrize('landmark', [
-    d2lf.ARCFACE_TEMPLATE + 999_000,          # within a million, off the image
-    d2lf.ARCFACE_TEMPLATE - 400,
+    TEMPLATE + 999_000,          # within a million, off the image
+    TEMPLATE - 400,
 ])
-def test_landmarks_far_outside_the_image_are_refused(landmark):
+def test_landmarks_far_outside_the_image_are_refused(d2lf, landmark):
     # Warping from there would crop only the black border.
     image = onp.full((200, 200, 3), 255, onp.uint8)
     with pytest.raises(ValueError, match='landmark points lie more than'):
@@ -253,23 +280,23 @@ def test_landmarks_far_outside_the_image_are_refused(landmark):
 
 @pytest.mark.parametrize('landmark, message', [
     ([[10 ** 400, 0]] * 5, 'real numbers'),           # beyond any float
-    (d2lf.ARCFACE_TEMPLATE * (1 + 1j), 'real numbers'),
+    (TEMPLATE * (1 + 1j), 'real numbers'),
     ([['1', '2']] * 5, 'real numbers'),
-    (d2lf.ARCFACE_TEMPLATE * 1e-7 + 50, 'coincide'),  # a face of 4e-6 pixels
+    (TEMPLATE * 1e-7 + 50, 'coincide'),  # a face of 4e-6 pixels
 ])
-def test_landmarks_that_are_no_face_are_refused(landmark, message):
+def test_landmarks_that_are_no_face_are_refused(d2lf, landmark, message):
     with pytest.raises(ValueError, match=message):
         d2lf.face_align(onp.zeros((200, 200, 3), onp.uint8), landmark)
 
 
-def test_crops_beyond_a_face_crop_are_refused():
+def test_crops_beyond_a_face_crop_are_refused(d2lf):
     image = onp.zeros((200, 200, 3), onp.uint8)
     assert d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE, 1024).shape[0] == 1024
     with pytest.raises(ValueError, match='at most 1024'):
         d2lf.face_align(image, d2lf.ARCFACE_TEMPLATE, 1025)
 
 
-def test_template_is_the_one_of_formats():
+def test_template_is_the_one_of_formats(d2lf):
     assert d2lf.ARCFACE_TEMPLATE is formats.ARCFACE_TEMPLATE
 
 
@@ -295,7 +322,7 @@ def in_time(function, *args, seconds=10):
     return outcome[0]
 
 
-def test_a_fifo_named_like_an_image_is_refused(data_dir):
+def test_a_fifo_named_like_an_image_is_refused(d2lf, data_dir):
     fifo = make_fifo(data_dir / '00000001' / 'zz-fifo.jpg')
     kind, error = in_time(d2lf.read_face_image, fifo)
     assert kind == 'error' and isinstance(error, ValueError)
@@ -304,7 +331,7 @@ def test_a_fifo_named_like_an_image_is_refused(data_dir):
     assert kind == 'error' and 'zz-fifo.jpg' in str(error)
 
 
-def test_a_fifo_as_property_is_refused(tmp_path):
+def test_a_fifo_as_property_is_refused(d2lf, tmp_path):
     make_fifo(tmp_path / 'property')
     kind, error = in_time(d2lf.read_facerec_meta, str(tmp_path))
     assert kind == 'error' and isinstance(error, ValueError)
@@ -329,7 +356,7 @@ def formats_sof(jpeg):
     # libjpeg drops FF 00 and decodes a frame hidden behind it
     ('hides a 1500x1500 frame behind FF 00', 'not a JPEG')])
 def test_a_jpeg_claiming_a_huge_size_is_refused_before_decoding(
-        data_dir, tmp_path, monkeypatch, craft, problem):
+        d2lf, data_dir, tmp_path, monkeypatch, craft, problem):
     from synthetic import smuggled
     path = sorted((data_dir / '00000001').glob('*.jpg'))[0]
     path.write_bytes(claiming(path.read_bytes(), 20000, 20000)
@@ -353,14 +380,8 @@ def test_a_jpeg_claiming_a_huge_size_is_refused_before_decoding(
         d2lf.load_bin(bin_path)
 
 
-def test_a_fifo_named_like_a_verification_set_is_named(data_dir):
-    make_fifo(data_dir / 'fifo.bin')
-    kind, error = in_time(d2lf.load_data_facerec, str(data_dir), ['fifo'])
-    assert kind == 'error' and 'fifo.bin' in str(error)
-    assert 'not a regular file' in str(error)
-
-
-def test_bin_listing_more_images_than_its_size_holds(tmp_path, standin_root):
+def test_bin_listing_more_images_than_its_size_holds(d2lf, tmp_path,
+                                                     standin_root):
     folder = standin_root / standin.DATASET_DIR / '00000000'
     jpeg = sorted(folder.glob('*.jpg'))[0].read_bytes()
     path = str(tmp_path / 'repeated.bin')
@@ -383,7 +404,7 @@ def test_bin_listing_more_images_than_its_size_holds(tmp_path, standin_root):
                           'lfw_small.bin'), max_images=39)
 
 
-def test_a_dataset_under_a_folder_with_glob_characters(standin_root,
+def test_a_dataset_under_a_folder_with_glob_characters(d2lf, standin_root,
                                                        tmp_path):
     folder = tmp_path / 'faces [v2] *?'
     shutil.copytree(standin_root / standin.DATASET_DIR, folder)
@@ -393,13 +414,13 @@ def test_a_dataset_under_a_folder_with_glob_characters(standin_root,
     assert len(train_iter) == NUM_CLASSES * PER_CLASS // 5
 
 
-def test_source_choice_is_validated(monkeypatch):
+def test_source_choice_is_validated(d2lf, monkeypatch):
     monkeypatch.setenv('D2L_FACE_SOURCE', 'cloud')
     with pytest.raises(ValueError, match='D2L_FACE_SOURCE'):
         d2lf.get_facerec_dir()
 
 
-def test_standin_exists_only_for_ultrasmall(monkeypatch):
+def test_standin_exists_only_for_ultrasmall(d2lf, monkeypatch):
     monkeypatch.setenv('D2L_FACE_SOURCE', 'standin')
     with pytest.raises(ValueError, match='faces-casia-small'):
         d2lf.get_facerec_dir('faces-casia-small')
@@ -424,7 +445,7 @@ def local_server(tmp_path):
     server.server_close()
 
 
-def test_real_download_path(local_server, standin_root, tmp_path,
+def test_real_download_path(d2lf, local_server, standin_root, tmp_path,
                             monkeypatch):
     www, url = local_server
     archive = shutil.make_archive(str(www / 'faces-casia-ultrasmall'), 'zip',
@@ -439,7 +460,8 @@ def test_real_download_path(local_server, standin_root, tmp_path,
     assert d2lf.read_facerec_meta(data_dir)[1] == NUM_CLASSES
 
 
-def test_unreachable_real_data(local_server, tmp_path, monkeypatch, capsys):
+def test_unreachable_real_data(d2lf, local_server, tmp_path, monkeypatch,
+                               capsys):
     _, url = local_server
     monkeypatch.setitem(d2lf.d2l.DATA_HUB, 'faces-casia-ultrasmall',
                         (url + 'missing.zip', '0' * 40))
@@ -452,3 +474,162 @@ def test_unreachable_real_data(local_server, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv('D2L_FACE_SOURCE')
     assert d2lf.get_facerec_dir() == 'STANDIN'
     assert 'stand-in' in capsys.readouterr().out
+
+
+# Property-based tests: damaged datasets end in a result or a clear error.
+# Each case must either give a correct result or raise the documented error
+# type with a message that names the cause; never another exception, a hang
+# or an array of the wrong shape.
+
+SETTINGS = settings(
+    max_examples=60, deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope='module')
+def small_standin(tmp_path_factory):
+    root = tmp_path_factory.mktemp('standin')
+    return standin.generate(str(root), num_classes=4, images_per_class=3,
+                            num_val_pairs=4, num_wild=0)
+
+
+@pytest.fixture(scope='module')
+def a_jpeg(small_standin):
+    with open(os.path.join(small_standin, '00000000', os.listdir(
+            os.path.join(small_standin, '00000000'))[0]), 'rb') as f:
+        return f.read()
+
+
+@SETTINGS
+@given(line=st.text(max_size=40))
+def test_any_property_line(d2lf, line, tmp_path):
+    folder = tempfile.mkdtemp(dir=tmp_path)
+    with open(os.path.join(folder, 'property'), 'w', encoding='utf-8',
+              errors='surrogatepass') as f:
+        f.write(line.replace('\r', '\n'))
+    try:
+        (h, w), n = d2lf.read_facerec_meta(folder)
+    except ValueError as e:
+        assert 'property' in str(e)
+    else:
+        first = line.replace('\r', '\n').split('\n')[0].strip()
+        assert [n, h, w] == [int(x) for x in first.split(',')]
+        assert min(n, h, w) >= 1
+
+
+@SETTINGS
+@given(data=st.binary(max_size=2000))
+def test_random_bytes_as_jpeg(d2lf, data, tmp_path):
+    path = os.path.join(tempfile.mkdtemp(dir=tmp_path), 'face.jpg')
+    with open(path, 'wb') as f:
+        f.write(data)
+    try:
+        image = d2lf.read_face_image(path, (112, 112))
+    except ValueError as e:
+        assert path in str(e)
+    else:
+        assert image.shape == (112, 112, 3) and image.dtype == onp.uint8
+
+
+@SETTINGS
+@given(cut=st.integers(min_value=0, max_value=10_000))
+def test_truncated_jpeg(d2lf, cut, a_jpeg, tmp_path):
+    cut = min(cut, len(a_jpeg))
+    path = os.path.join(tempfile.mkdtemp(dir=tmp_path), 'face.jpg')
+    with open(path, 'wb') as f:
+        f.write(a_jpeg[:cut])
+    if cut == len(a_jpeg):
+        assert d2lf.read_face_image(path, (112, 112)).shape == (112, 112, 3)
+    else:
+        with pytest.raises(ValueError, match='face.jpg'):
+            d2lf.read_face_image(path, (112, 112))
+
+
+@SETTINGS
+@given(missing=st.sets(st.integers(min_value=0, max_value=3)))
+def test_missing_identity_folders(d2lf, missing, small_standin, tmp_path):
+    copy = os.path.join(tempfile.mkdtemp(dir=tmp_path), 'faces')
+    shutil.copytree(small_standin, copy)
+    for label in missing:
+        shutil.rmtree(os.path.join(copy, formats.identity_folder(label)))
+    if not missing:
+        assert len(d2lf.FaceDataset(copy)) == 12
+    else:
+        with pytest.raises(FileNotFoundError,
+                           match=formats.identity_folder(min(missing))):
+            d2lf.FaceDataset(copy)
+
+
+finite = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False)
+# Any finite double, 1e160 and 1e-300 included.
+any_finite = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@SETTINGS
+@given(points=st.lists(st.tuples(any_finite, any_finite), min_size=5,
+                       max_size=5))
+def test_random_landmarks(d2lf, points):
+    image = onp.full((64, 80, 3), 128, onp.uint8)
+    try:
+        aligned = d2lf.face_align(image, onp.array(points))
+    except ValueError as e:
+        assert 'landmark' in str(e)
+    else:
+        assert aligned.shape == (112, 112, 3) and aligned.dtype == onp.uint8
+
+
+@SETTINGS
+@given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True),
+                       min_size=0, max_size=12))
+def test_landmarks_of_any_shape_and_value(d2lf, values):
+    image = onp.zeros((32, 32), onp.uint8)
+    try:
+        aligned = d2lf.face_align(image, onp.array(values).reshape(-1, 2)
+                                  if len(values) % 2 == 0 else values)
+    except ValueError as e:
+        assert 'landmark' in str(e)
+    else:
+        assert aligned.shape == (112, 112)
+
+
+@SETTINGS
+@given(origin=st.tuples(finite, finite),
+       direction=st.tuples(finite, finite).filter(
+           lambda d: 1e-3 < abs(d[0]) + abs(d[1])),
+       steps=st.lists(st.floats(min_value=-10, max_value=10), min_size=5,
+                      max_size=5))
+def test_collinear_landmarks_are_refused(d2lf, origin, direction, steps):
+    points = [[origin[0] + t * direction[0], origin[1] + t * direction[1]]
+              for t in steps]
+    with pytest.raises(ValueError, match='landmark'):
+        d2lf.face_align(onp.zeros((50, 50, 3), onp.uint8), points)
+
+
+@SETTINGS
+@given(images=st.lists(st.binary(max_size=300), min_size=2, max_size=6)
+       .filter(lambda b: len(b) % 2 == 0 and all(b)))
+def test_bin_with_random_images(d2lf, images, a_jpeg, tmp_path):
+    path = os.path.join(tempfile.mkdtemp(dir=tmp_path), 'set.bin')
+    bins = [a_jpeg] + images[1:]
+    binsets.save_bin_pairs(path, bins, [True] * (len(bins) // 2))
+    try:
+        data, issame = d2lf.load_bin(path)
+    except ValueError as e:
+        assert 'set.bin' in str(e) and 'image' in str(e)
+    else:
+        assert data.shape == (2, len(bins), 3, 112, 112)
+        assert issame.shape == (len(bins) // 2,)
+
+
+@SETTINGS
+@given(points=st.lists(st.tuples(finite, finite), min_size=5, max_size=5),
+       exponent=st.integers(min_value=7, max_value=307))
+def test_landmarks_far_beyond_any_photo(d2lf, points, exponent):
+    """Shifted or scaled beyond a million pixels: refused, never a crop."""
+    image = onp.full((64, 80, 3), 128, onp.uint8)
+    points = onp.array(points)
+    for far in (points + 10.0 ** exponent, points * 10.0 ** (exponent - 4)):
+        if onp.abs(far).max() < 1e6:
+            continue  # every point happened to be near 0
+        with pytest.raises(ValueError, match='landmark'):
+            d2lf.face_align(image, far)

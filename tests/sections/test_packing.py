@@ -1,10 +1,11 @@
-"""Section 1's packed loader: the same batches as the per-file one, faster.
+"""Packing Face Datasets: the same batches as the per-file loader, faster.
 
 `pack_face_records` + `FaceRecordIter` (behind `load_data_facerec`) must give
 what `FaceDataset` + `DataLoader` give: RGB float32 x/255 in (3, h, w), each
 image flipped with probability 1/2, a new order each epoch, full batches only.
 The byte-level format is `d2l_face.recordio`'s (tested in test_recordio.py);
-here we test what the section builds on it.
+here we test what the section builds on it, in both tabs (the `d2lf`
+fixture).
 """
 import collections
 import os
@@ -14,11 +15,13 @@ import struct
 import cv2
 import numpy as onp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from d2l_face import packs, publish, recordio
-from d2l_face import mxnet as d2lf
+from d2l_face import packs, publish, recordio, standin
 
-from synthetic import NUM_CLASSES, PER_CLASS, packless_copy
+from synthetic import (HANG, NUM_CLASSES, PER_CLASS, deadline, packless_copy,
+                       to_numpy)
 MAGIC = struct.pack('<I', recordio.MAGIC)
 
 
@@ -32,7 +35,7 @@ def data_dir(standin_root, tmp_path):
     return packless_copy(standin_root, tmp_path)
 
 
-def per_file_images(data_dir):
+def per_file_images(d2lf, data_dir):
     """{image bytes: label} of x/255 as FaceDataset reads them, unflipped."""
     images = {}
     for path, label in d2lf.list_facerec_images(data_dir):
@@ -42,11 +45,11 @@ def per_file_images(data_dir):
 
 
 def epoch(train_iter):
-    return [(X.asnumpy(), y.asnumpy()) for X, y in train_iter]
+    return [(to_numpy(X), to_numpy(y)) for X, y in train_iter]
 
 
-def test_one_epoch_holds_the_same_images_and_labels(data_dir):
-    expected = per_file_images(data_dir)
+def test_one_epoch_holds_the_same_images_and_labels(d2lf, data_dir):
+    expected = per_file_images(d2lf, data_dir)
     train_iter = d2lf.FaceRecordIter(d2lf.pack_face_records(data_dir), 5)
     seen = collections.Counter()
     for X, y in epoch(train_iter):
@@ -63,8 +66,8 @@ def test_one_epoch_holds_the_same_images_and_labels(data_dir):
     assert seen == collections.Counter(expected.keys())
 
 
-def test_flips_happen_both_ways_and_only_as_flips(data_dir):
-    expected = per_file_images(data_dir)
+def test_flips_happen_both_ways_and_only_as_flips(d2lf, data_dir):
+    expected = per_file_images(d2lf, data_dir)
     train_iter = d2lf.FaceRecordIter(d2lf.pack_face_records(data_dir), 10)
     outcomes = collections.Counter()
     for _ in range(4):
@@ -76,7 +79,7 @@ def test_flips_happen_both_ways_and_only_as_flips(data_dir):
     assert outcomes['as is'] > 10 and outcomes['flipped'] > 10
 
 
-def test_no_shuffle_no_flip_is_the_per_file_order(data_dir):
+def test_no_shuffle_no_flip_is_the_per_file_order(d2lf, data_dir):
     items = d2lf.list_facerec_images(data_dir)
     train_iter = d2lf.FaceRecordIter(d2lf.pack_face_records(data_dir), 4,
                                      shuffle=False, flip=False)
@@ -86,12 +89,12 @@ def test_no_shuffle_no_flip_is_the_per_file_order(data_dir):
         for j in range(4):
             path, label = items[4 * b + j]
             x = d2lf.read_face_image(path).transpose(2, 0, 1)
-            onp.testing.assert_array_equal(X[j].asnumpy(),
+            onp.testing.assert_array_equal(to_numpy(X[j]),
                                            x / onp.float32(255))
             assert int(y[j]) == label
 
 
-def test_shuffling_differs_between_epochs(data_dir):
+def test_shuffling_differs_between_epochs(d2lf, data_dir):
     train_iter = d2lf.FaceRecordIter(d2lf.pack_face_records(data_dir), 6,
                                      flip=False)
     orders = [tuple(x.tobytes() for X, _ in epoch(train_iter) for x in X)
@@ -100,7 +103,7 @@ def test_shuffling_differs_between_epochs(data_dir):
     assert len(set(orders)) == 3
 
 
-def test_incomplete_last_batch_is_dropped(data_dir):
+def test_incomplete_last_batch_is_dropped(d2lf, data_dir):
     train_iter = d2lf.FaceRecordIter(d2lf.pack_face_records(data_dir), 8)
     assert len(train_iter) == NUM_CLASSES * PER_CLASS // 8 == 3
     assert [X.shape[0] for X, _ in train_iter] == [8, 8, 8]
@@ -108,21 +111,21 @@ def test_incomplete_last_batch_is_dropped(data_dir):
     assert len(big) == 0 and list(big) == []
 
 
-def test_batch_memory_is_reused_only_when_free(data_dir):
+def test_batch_memory_is_reused_only_when_free(d2lf, data_dir):
     train_iter = d2lf.FaceRecordIter(d2lf.pack_face_records(data_dir), 5)
     for _ in range(5):
         for X, y in train_iter:
-            X.wait_to_read()
+            to_numpy(X)  # MXNet computes lazily: wait for the batch
     # Dropped batches give their memory back: a few arrays serve all epochs.
     assert len(train_iter._buffers) <= 3
     kept = [X for X, _ in train_iter]
-    copies = [X.asnumpy() for X in kept]
+    copies = [to_numpy(X) for X in kept]
     list(train_iter)  # another epoch must not write into the kept batches
     for X, x in zip(kept, copies):
-        onp.testing.assert_array_equal(X.asnumpy(), x)
+        onp.testing.assert_array_equal(to_numpy(X), x)
 
 
-def test_stopping_early_then_running_again(data_dir):
+def test_stopping_early_then_running_again(d2lf, data_dir):
     train_iter = d2lf.FaceRecordIter(d2lf.pack_face_records(data_dir), 5)
     for i, (X, y) in enumerate(train_iter):
         if i == 1:
@@ -130,7 +133,7 @@ def test_stopping_early_then_running_again(data_dir):
     assert len(epoch(train_iter)) == 6
 
 
-def test_iterator_carries_crop_size_and_class_count(data_dir):
+def test_iterator_carries_crop_size_and_class_count(d2lf, data_dir):
     train_iter, _ = d2lf.load_data_facerec(data_dir, [], 8)
     assert train_iter.num_classes == NUM_CLASSES
     assert train_iter.image_size == (112, 112)
@@ -139,7 +142,7 @@ def test_iterator_carries_crop_size_and_class_count(data_dir):
     assert alone.num_classes == NUM_CLASSES and alone.image_size == (112, 112)
 
 
-def test_property_is_read_once_per_load(data_dir, monkeypatch):
+def test_property_is_read_once_per_load(d2lf, data_dir, monkeypatch):
     calls = []
     read = d2lf.read_facerec_meta
     monkeypatch.setattr(d2lf, 'read_facerec_meta',
@@ -148,7 +151,7 @@ def test_property_is_read_once_per_load(data_dir, monkeypatch):
     assert len(calls) == 1
 
 
-def test_labels_beyond_the_class_count_are_refused(data_dir):
+def test_labels_beyond_the_class_count_are_refused(d2lf, data_dir):
     prefix = d2lf.pack_face_records(data_dir)
     with pytest.raises(ValueError, match=rf'train\.rec: 3 classes claimed, '
                                          rf'but the pack holds {NUM_CLASSES} '
@@ -157,7 +160,7 @@ def test_labels_beyond_the_class_count_are_refused(data_dir):
 
 
 @pytest.mark.parametrize('num_classes', [NUM_CLASSES + 1, 2_000_000])
-def test_more_classes_than_the_labels_are_refused(data_dir, num_classes):
+def test_more_classes_than_the_labels_are_refused(d2lf, data_dir, num_classes):
     prefix = d2lf.pack_face_records(data_dir)
     with pytest.raises(ValueError, match=rf'{num_classes} classes claimed, '
                                          rf'but the pack holds {NUM_CLASSES}'):
@@ -165,14 +168,15 @@ def test_more_classes_than_the_labels_are_refused(data_dir, num_classes):
 
 
 @pytest.mark.parametrize('num_classes', [0, -1, 2.5, True, 40_000_000])
-def test_class_counts_outside_the_limit_are_refused(data_dir, num_classes):
+def test_class_counts_outside_the_limit_are_refused(d2lf, data_dir,
+                                                    num_classes):
     prefix = d2lf.pack_face_records(data_dir)
     with pytest.raises(ValueError, match=r'class count must be an integer in '
                                          r'1\.\.2500000 \(MAX_CLASSES\)'):
         d2lf.FaceRecordIter(prefix, 4, num_classes=num_classes)
 
 
-def test_load_data_facerec_uses_the_pack(data_dir):
+def test_load_data_facerec_uses_the_pack(d2lf, data_dir):
     train_iter, _ = d2lf.load_data_facerec(data_dir, [], 8)
     assert isinstance(train_iter, d2lf.FaceRecordIter)
     assert train_iter.pack.layout == 'flat'
@@ -181,7 +185,7 @@ def test_load_data_facerec_uses_the_pack(data_dir):
     assert not temporaries(data_dir)
 
 
-def test_bad_batch_size():
+def test_bad_batch_size(d2lf):
     for batch_size in (0, -1, 2.5, None):
         with pytest.raises(ValueError, match='batch_size'):
             d2lf.FaceRecordIter('nowhere', batch_size)
@@ -191,7 +195,7 @@ def record_offsets(prefix):
     return [offset for _, offset in recordio.read_index(prefix + '.idx')]
 
 
-def test_damaged_record_is_named(data_dir):
+def test_damaged_record_is_named(d2lf, data_dir):
     prefix = d2lf.pack_face_records(data_dir)
     offset = record_offsets(prefix)[3]
     with open(prefix + '.rec', 'r+b') as f:
@@ -202,7 +206,7 @@ def test_damaged_record_is_named(data_dir):
         d2lf.FaceRecordIter(prefix, 4)
 
 
-def test_damaged_index_is_named_and_not_to_be_deleted(data_dir):
+def test_damaged_index_is_named_and_not_to_be_deleted(d2lf, data_dir):
     prefix = d2lf.pack_face_records(data_dir)
     with open(prefix + '.idx', 'a') as f:
         f.write('garbage\n')
@@ -216,7 +220,7 @@ def first_sof_offset(jpeg):
     return jpeg.index(b'\xff\xc0')
 
 
-def test_undecodable_image_in_a_record_is_named(data_dir):
+def test_undecodable_image_in_a_record_is_named(d2lf, data_dir):
     prefix = d2lf.pack_face_records(data_dir)
     with recordio.PackReader(prefix) as pack:
         jpeg = pack.jpeg(5).tobytes()
@@ -236,7 +240,7 @@ def test_undecodable_image_in_a_record_is_named(data_dir):
         list(train_iter)  # the next epoch fails the same way, no hang
 
 
-def test_record_split_around_the_magic_number(data_dir):
+def test_record_split_around_the_magic_number(d2lf, data_dir):
     """MXNet splits a record whose data holds the magic number; we rejoin."""
     path, _ = d2lf.list_facerec_images(data_dir)[0]
     with open(path, 'rb') as f:
@@ -258,7 +262,7 @@ def test_record_split_around_the_magic_number(data_dir):
     train_iter = d2lf.FaceRecordIter(prefix, 5, shuffle=False, flip=False)
     X, y = next(iter(train_iter))
     expected = d2lf.read_face_image(path).transpose(2, 0, 1) / onp.float32(255)
-    onp.testing.assert_array_equal(X[0].asnumpy(), expected)
+    onp.testing.assert_array_equal(to_numpy(X[0]), expected)
     assert int(y[0]) == 0
 
 
@@ -268,14 +272,14 @@ def rec_inode(data_dir):
     return os.stat(os.path.join(data_dir, 'train.rec')).st_ino
 
 
-def test_fresh_pack_is_reused(data_dir):
+def test_fresh_pack_is_reused(d2lf, data_dir):
     prefix = d2lf.pack_face_records(data_dir)
     built = rec_inode(data_dir)
     assert d2lf.pack_face_records(data_dir) == prefix
     assert rec_inode(data_dir) == built
 
 
-def test_pack_is_rebuilt_when_an_image_changes(data_dir):
+def test_pack_is_rebuilt_when_an_image_changes(d2lf, data_dir):
     prefix = d2lf.pack_face_records(data_dir)
     built = rec_inode(data_dir)
     path, label = d2lf.list_facerec_images(data_dir)[7]
@@ -285,12 +289,12 @@ def test_pack_is_rebuilt_when_an_image_changes(data_dir):
     train_iter = d2lf.FaceRecordIter(prefix, 1, shuffle=False, flip=False)
     X, y = list(train_iter)[7]
     expected = d2lf.read_face_image(path).transpose(2, 0, 1) / onp.float32(255)
-    onp.testing.assert_array_equal(X[0].asnumpy(), expected)
+    onp.testing.assert_array_equal(to_numpy(X[0]), expected)
     assert int(y[0]) == label
 
 
 @pytest.mark.parametrize('change', ['add image', 'remove image', 'property'])
-def test_pack_is_rebuilt_when_the_dataset_changes(data_dir, change):
+def test_pack_is_rebuilt_when_the_dataset_changes(d2lf, data_dir, change):
     d2lf.pack_face_records(data_dir)
     built = rec_inode(data_dir)
     folder = os.path.join(data_dir, '00000002')
@@ -310,7 +314,7 @@ def test_pack_is_rebuilt_when_the_dataset_changes(data_dir, change):
 
 
 @pytest.mark.parametrize('damage', ['no .idx', 'no .rec', 'neither'])
-def test_incomplete_own_pack_is_rebuilt(data_dir, damage):
+def test_incomplete_own_pack_is_rebuilt(d2lf, data_dir, damage):
     prefix = d2lf.pack_face_records(data_dir)
     for ext in ('.rec', '.idx'):
         if damage in ('no ' + ext, 'neither'):
@@ -321,7 +325,7 @@ def test_incomplete_own_pack_is_rebuilt(data_dir, damage):
 
 @pytest.mark.parametrize('change', ['shorter .rec', 'longer .idx',
                                     'a link', 'a folder'])
-def test_own_pack_changed_since_is_not_ours_any_more(data_dir, tmp_path,
+def test_own_pack_changed_since_is_not_ours_any_more(d2lf, data_dir, tmp_path,
                                                      change, capsys):
     prefix = d2lf.pack_face_records(data_dir)
     if change == 'shorter .rec':
@@ -398,7 +402,7 @@ FOREIGN_MARKERS = {'not JSON', 'a list', 'building', 'without format',
                    'without rec_bytes', 'without idx_bytes', 'other size'}
 
 
-def test_a_marker_of_the_wrong_shape_is_never_fresh(data_dir):
+def test_a_marker_of_the_wrong_shape_is_never_fresh(d2lf, data_dir):
     import json
     prefix = d2lf.pack_face_records(data_dir)
     marker = prefix + packs.MARKER
@@ -445,7 +449,7 @@ def replace_image(path, how):
 @pytest.mark.parametrize('how', ['grown by a byte',
                                  'same size, old time put back',
                                  'renamed over, old time put back'])
-def test_an_image_replaced_while_packing_leaves_no_fresh_pack(data_dir,
+def test_an_image_replaced_while_packing_leaves_no_fresh_pack(d2lf, data_dir,
                                                               monkeypatch,
                                                               how):
     items = d2lf.list_facerec_images(data_dir)
@@ -470,7 +474,7 @@ def test_an_image_replaced_while_packing_leaves_no_fresh_pack(data_dir,
         data_dir, new_items))
 
 
-def test_packing_names_a_bad_image_and_leaves_no_pack(data_dir):
+def test_packing_names_a_bad_image_and_leaves_no_pack(d2lf, data_dir):
     path = d2lf.list_facerec_images(data_dir)[11][0]
     with open(path, 'rb') as f:
         data = f.read()
@@ -483,7 +487,8 @@ def test_packing_names_a_bad_image_and_leaves_no_pack(data_dir):
     assert not temporaries(data_dir)
 
 
-def test_a_full_disk_while_packing_still_cleans_up(data_dir, monkeypatch):
+def test_a_full_disk_while_packing_still_cleans_up(d2lf, data_dir,
+                                                   monkeypatch):
     import errno
     write_pack = recordio.write_pack
 
@@ -503,7 +508,7 @@ def test_a_full_disk_while_packing_still_cleans_up(data_dir, monkeypatch):
 
 
 def test_a_packer_stopped_between_its_renames_leaves_a_pack_of_ours(
-        data_dir, monkeypatch):
+        d2lf, data_dir, monkeypatch):
     prefix = d2lf.pack_face_records(data_dir)
     shutil.copy(d2lf.list_facerec_images(data_dir)[0][0],
                 os.path.join(data_dir, '00000000', 'extra.jpg'))
@@ -538,7 +543,7 @@ def dead_pid():
 
 
 @pytest.mark.parametrize('already_packed', [False, True])
-def test_stale_temporary_files_of_dead_packers_are_removed(data_dir,
+def test_stale_temporary_files_of_dead_packers_are_removed(d2lf, data_dir,
                                                            already_packed):
     if already_packed:  # so the next call finds the pack fresh
         d2lf.pack_face_records(data_dir)
@@ -560,16 +565,18 @@ def test_stale_temporary_files_of_dead_packers_are_removed(data_dir,
         assert os.path.exists(path), path
 
 
-def test_a_packer_killed_midway_leaves_what_the_next_run_removes(data_dir):
+def test_a_packer_killed_midway_leaves_what_the_next_run_removes(d2lf,
+                                                                 data_dir):
     import signal
     import subprocess
     import sys
     from synthetic import REPO
+    tab = d2lf.__name__.rsplit('.', 1)[1]
     # The child writes part of the pack, then waits to be killed.
     script = (
         'import sys, time\n'
         'from d2l_face import recordio\n'
-        'from d2l_face import mxnet as d2lf\n'
+        f'from d2l_face import {tab} as d2lf\n'
         'write_pack = recordio.write_pack\n'
         'def stall(prefix, records, **kwargs):\n'
         '    def some():\n'
@@ -599,7 +606,7 @@ def test_a_packer_killed_midway_leaves_what_the_next_run_removes(data_dir):
 
 
 @pytest.mark.parametrize('umask', [0o002, 0o027])
-def test_pack_files_get_the_users_umask(data_dir, umask):
+def test_pack_files_get_the_users_umask(d2lf, data_dir, umask):
     old = os.umask(umask)
     try:
         d2lf.pack_face_records(data_dir)
@@ -610,7 +617,7 @@ def test_pack_files_get_the_users_umask(data_dir, umask):
         assert mode == 0o666 & ~umask, (name, oct(mode))
 
 
-def foreign_pack_dir(data_dir, tmp_path, layout, label_vector=False,
+def foreign_pack_dir(d2lf, data_dir, tmp_path, layout, label_vector=False,
                      with_folders=False):
     """A folder holding a pack that d2l_face did not make, and property."""
     folder = tmp_path / f'foreign-{layout}-{label_vector}'
@@ -630,9 +637,10 @@ def foreign_pack_dir(data_dir, tmp_path, layout, label_vector=False,
 @pytest.mark.parametrize('layout, label_vector', [
     ('insightface', False), ('insightface', True), ('flat', False),
     ('flat', True)])
-def test_foreign_packs_read_back_exactly(data_dir, tmp_path, layout,
+def test_foreign_packs_read_back_exactly(d2lf, data_dir, tmp_path, layout,
                                          label_vector):
-    folder, items = foreign_pack_dir(data_dir, tmp_path, layout, label_vector)
+    folder, items = foreign_pack_dir(d2lf, data_dir, tmp_path, layout,
+                                     label_vector)
     train_iter, _ = d2lf.load_data_facerec(folder, [], 4)
     assert train_iter.pack.layout == layout
     assert train_iter.num_classes == NUM_CLASSES
@@ -641,12 +649,13 @@ def test_foreign_packs_read_back_exactly(data_dir, tmp_path, layout,
                                   shuffle=False, flip=False)
     for (X, y), (path, label) in zip(ordered, items):
         expected = d2lf.read_face_image(path).transpose(2, 0, 1) / 255
-        onp.testing.assert_array_equal(X[0].asnumpy(),
+        onp.testing.assert_array_equal(to_numpy(X[0]),
                                        expected.astype(onp.float32))
         assert int(y[0]) == label
     # The same shuffled, flipped batches as the chapter's own packs.
-    expected = per_file_images(data_dir)
+    expected = per_file_images(d2lf, data_dir)
     for X, y in epoch(train_iter):
+        assert X.dtype == onp.float32 and y.dtype == onp.int64
         for x, label in zip(X, y):
             key = x.tobytes()
             if key not in expected:
@@ -661,17 +670,17 @@ def test_foreign_packs_read_back_exactly(data_dir, tmp_path, layout,
     (2_000_000, rf'2000000 classes claimed, but the pack holds {NUM_CLASSES} '
                 rf'\(labels up to {NUM_CLASSES - 1}, {NUM_CLASSES} identity'),
     (NUM_CLASSES - 1, f'{NUM_CLASSES - 1} classes claimed')])
-def test_a_property_the_insightface_pack_disagrees_with_is_refused(
+def test_a_property_the_insightface_pack_disagrees_with_is_refused(d2lf, 
         data_dir, tmp_path, claim, message):
-    folder, _ = foreign_pack_dir(data_dir, tmp_path, 'insightface')
+    folder, _ = foreign_pack_dir(d2lf, data_dir, tmp_path, 'insightface')
     with open(os.path.join(folder, 'property'), 'w') as f:
         f.write(f'{claim},112,112\n')
     with pytest.raises(ValueError, match=message):
         d2lf.load_data_facerec(folder, [], 4)
 
 
-def test_foreign_pack_without_property(data_dir, tmp_path):
-    folder, items = foreign_pack_dir(data_dir, tmp_path, 'insightface')
+def test_foreign_pack_without_property(d2lf, data_dir, tmp_path):
+    folder, items = foreign_pack_dir(d2lf, data_dir, tmp_path, 'insightface')
     os.remove(os.path.join(folder, 'property'))
     train_iter, _ = d2lf.load_data_facerec(folder, [], 4)
     assert train_iter.num_classes == NUM_CLASSES
@@ -679,8 +688,9 @@ def test_foreign_pack_without_property(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize('cut', ['half', 'inside the header record'])
-def test_truncated_foreign_pack_is_refused_by_name(data_dir, tmp_path, cut):
-    folder, _ = foreign_pack_dir(data_dir, tmp_path, 'insightface')
+def test_truncated_foreign_pack_is_refused_by_name(d2lf, data_dir, tmp_path,
+                                                   cut):
+    folder, _ = foreign_pack_dir(d2lf, data_dir, tmp_path, 'insightface')
     rec = os.path.join(folder, 'train.rec')
     offsets = dict(recordio.read_index(os.path.join(folder, 'train.idx')))
     size = (os.path.getsize(rec) // 2 if cut == 'half' else offsets[0] + 12)
@@ -694,8 +704,9 @@ def test_truncated_foreign_pack_is_refused_by_name(data_dir, tmp_path, cut):
     assert os.path.getsize(rec) == size  # still there, untouched
 
 
-def test_a_foreign_pack_is_never_replaced(data_dir, tmp_path, capsys):
-    folder, _ = foreign_pack_dir(data_dir, tmp_path, 'flat', with_folders=True)
+def test_a_foreign_pack_is_never_replaced(d2lf, data_dir, tmp_path, capsys):
+    folder, _ = foreign_pack_dir(d2lf, data_dir, tmp_path, 'flat',
+                                 with_folders=True)
     # Make the folders disagree with the pack: a packer would rebuild.
     first = d2lf.list_facerec_images(folder)[0][0]
     cv2.imwrite(first, onp.zeros((112, 112, 3), onp.uint8))
@@ -712,14 +723,15 @@ def test_a_foreign_pack_is_never_replaced(data_dir, tmp_path, capsys):
     assert 'train.d2l-pack.json' not in os.listdir(folder)
 
 
-def test_a_marker_linked_from_another_pack_proves_nothing(data_dir,
+def test_a_marker_linked_from_another_pack_proves_nothing(d2lf, data_dir,
                                                           tmp_path):
     ours = d2lf.pack_face_records(data_dir)
     other = str(tmp_path / 'other')  # someone's pack of the same sizes
     os.mkdir(other)
     for ext in ('.rec', '.idx'):
         shutil.copy(ours + ext, os.path.join(other, 'train' + ext))
-    os.symlink(ours + packs.MARKER, os.path.join(other, 'train' + packs.MARKER))
+    os.symlink(ours + packs.MARKER,
+               os.path.join(other, 'train' + packs.MARKER))
     assert 'not made by d2l_face' in packs.foreign_reason(
         os.path.join(other, 'train'))
     before = os.stat(os.path.join(other, 'train.rec')).st_ino
@@ -730,7 +742,7 @@ def test_a_marker_linked_from_another_pack_proves_nothing(data_dir,
     assert os.stat(os.path.join(other, 'train.rec')).st_ino == before
 
 
-def test_write_insightface_pack_is_whole_or_absent(data_dir, tmp_path,
+def test_write_insightface_pack_is_whole_or_absent(d2lf, data_dir, tmp_path,
                                                    monkeypatch):
     out = str(tmp_path / 'insightface')
     replace = os.replace
@@ -748,7 +760,7 @@ def test_write_insightface_pack_is_whole_or_absent(data_dir, tmp_path,
     assert sorted(os.listdir(out)) == ['property', 'train.idx', 'train.rec']
 
 
-def test_write_insightface_pack(data_dir, tmp_path):
+def test_write_insightface_pack(d2lf, data_dir, tmp_path):
     out = str(tmp_path / 'insightface')
     d2lf.write_insightface_pack(data_dir, out, num_classes=2)
     assert sorted(os.listdir(out)) == ['property', 'train.idx', 'train.rec']
@@ -759,3 +771,138 @@ def test_write_insightface_pack(data_dir, tmp_path):
     assert keys == list(range(1, 2 * PER_CLASS + 3)) + [0]
     with pytest.raises(FileExistsError, match='already holds a pack'):
         d2lf.write_insightface_pack(data_dir, out)
+
+
+# load_data_facerec: the training batches and the verification sets.
+
+def test_loader_batches_and_verification_set(d2lf, data_dir):
+    train_iter, sets = d2lf.load_data_facerec(data_dir, ['lfw_small'], 8)
+    batches = list(train_iter)
+    # last_batch='discard': only full batches.
+    assert len(batches) == NUM_CLASSES * PER_CLASS // 8
+    labels = []
+    for X, y in batches:
+        assert X.shape == (8, 3, 112, 112) and y.shape == (8,)
+        labels += to_numpy(y).tolist()
+    assert min(labels) >= 0 and max(labels) < NUM_CLASSES
+    images, issame = sets['lfw_small']
+    assert images.shape == (2, 40, 3, 112, 112) and images.dtype == onp.uint8
+    assert issame.shape == (20,) and issame.sum() == 10
+
+
+def test_missing_verification_set(d2lf, standin_root):
+    with pytest.raises(FileNotFoundError, match='cfp_fp.bin'):
+        d2lf.load_data_facerec(standin_root / standin.DATASET_DIR,
+                                ['cfp_fp'], 8)
+
+
+class Hang(BaseException):
+    """No Exception: code that catches OSError cannot swallow it."""
+
+
+def test_a_fifo_named_like_a_verification_set_is_named(d2lf, data_dir):
+    os.mkfifo(os.path.join(data_dir, 'fifo.bin'))
+    with deadline(HANG, Hang), pytest.raises(
+            Exception, match='fifo.bin.*not a regular file'):
+        d2lf.load_data_facerec(data_dir, ['fifo'])
+
+
+# The PyTorch tab: the threads fill NumPy batches in both tabs and only the
+# final wrap differs, so the batches must be equal, and not copies.
+
+def tab_epoch(train_iter, seed):
+    onp.random.seed(seed)  # the order and the flips come from NumPy
+    return [(to_numpy(X).copy(), to_numpy(y).copy()) for X, y in train_iter]
+
+
+@pytest.mark.parametrize('shuffle, flip', [(False, False), (True, True)])
+def test_the_same_batches_in_both_tabs(data_dir, shuffle, flip):
+    from d2l_face import mxnet as d2lf_mx
+    from d2l_face import torch as d2lf_torch
+    prefix = d2lf_torch.pack_face_records(data_dir)
+    ours, theirs = (
+        tab_epoch(lib.FaceRecordIter(prefix, 4, shuffle=shuffle, flip=flip),
+                  3) for lib in (d2lf_torch, d2lf_mx))
+    assert len(ours) == len(theirs) == NUM_CLASSES * PER_CLASS // 4
+    for (X, y), (X_mx, y_mx) in zip(ours, theirs):
+        assert X.dtype == X_mx.dtype == onp.float32
+        assert y.dtype == y_mx.dtype == onp.int64
+        onp.testing.assert_array_equal(X, X_mx)
+        onp.testing.assert_array_equal(y, y_mx)
+    if not shuffle:  # in order: the images of the folders, x / 255
+        items = d2lf_torch.list_facerec_images(data_dir)
+        X, y = ours[0]
+        for x, label, (path, expected) in zip(X, y, items):
+            image = d2lf_torch.read_face_image(path).transpose(2, 0, 1)
+            onp.testing.assert_array_equal(x, image / onp.float32(255))
+            assert label == expected
+
+
+def test_batches_are_tensors_sharing_the_loaders_memory(data_dir):
+    import torch
+    from d2l_face import torch as d2lf_torch
+    train_iter, _ = d2lf_torch.load_data_facerec(data_dir, ['lfw_small'], 4)
+    X, y = next(iter(train_iter))
+    assert isinstance(X, torch.Tensor) and isinstance(y, torch.Tensor)
+    assert X.shape == (4, 3, 112, 112) and X.dtype == torch.float32
+    assert y.shape == (4,) and y.dtype == torch.int64
+    batches = [batch for batch, _ in train_iter._buffers]
+    assert X.data_ptr() in [batch.ctypes.data for batch in batches]
+    batch = next(b for b in batches if b.ctypes.data == X.data_ptr())
+    assert onp.shares_memory(X.numpy(), batch)
+    X[0, 0, 0, 0] = 7.0  # a write to the tensor is a write to the batch
+    assert batch[0, 0, 0, 0] == 7.0
+
+
+def test_a_batch_in_use_is_never_refilled(d2lf, data_dir):
+    prefix = d2lf.pack_face_records(data_dir)
+    train_iter = d2lf.FaceRecordIter(prefix, 2, shuffle=False, flip=False)
+    batches = iter(train_iter)
+    kept, _ = next(batches)
+    first = to_numpy(kept).copy()
+    count = sum(1 for _ in batches)  # the others are dropped as they come
+    assert count == NUM_CLASSES * PER_CLASS // 2 - 1
+    onp.testing.assert_array_equal(to_numpy(kept), first)
+    # The batches we dropped freed their arrays for reuse: a few suffice.
+    assert len(train_iter._buffers) <= 4
+
+
+# Property-based: a marker of any other content never vouches for a pack.
+
+SETTINGS = settings(max_examples=60, deadline=None)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) |
+    st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) |
+    st.dictionaries(st.text(max_size=12), inner, max_size=6), max_leaves=12)
+
+
+@pytest.fixture(scope='module')
+def packed(standin_root, tmp_path_factory):
+    """A packed copy of the small stand-in: (prefix, its good marker)."""
+    import json
+    from d2l_face import mxnet as d2lf_mx
+    prefix = d2lf_mx.pack_face_records(
+        packless_copy(standin_root, tmp_path_factory.mktemp('packed')))
+    with open(prefix + packs.MARKER) as f:
+        return prefix, json.load(f)
+
+
+@SETTINGS
+@given(value=json_values, tweak=st.sampled_from(['as is', 'merged']))
+def test_any_other_marker_is_not_fresh(value, tweak, packed):
+    import json
+    prefix, good = packed
+    marker = dict(good, **value) if tweak == 'merged' and isinstance(
+        value, dict) else value
+    with open(prefix + '.d2l-pack.json', 'w') as f:
+        json.dump(marker, f)
+    try:
+        fresh = packs.is_fresh(prefix, good['num_records'],
+                               good['sources'])
+    finally:
+        with open(prefix + '.d2l-pack.json', 'w') as f:
+            json.dump(good, f)
+    assert fresh == (marker == good and all(
+        type(marker[k]) is type(good[k]) for k in good))
