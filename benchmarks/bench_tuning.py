@@ -7,7 +7,7 @@ other settings unless the row changes them, on the stand-in data. For each
 setting it prints the 10-fold verification accuracy on the stand-in's
 lfw_small after the last step, and the training accuracy (on the margin
 logits) over the last tenth of the steps; with several seeds, their mean
-and standard deviation. Section 3 ("A Network and a Margin for the CPU")
+and standard deviation. Section 4 ("A Network and a Margin for the CPU")
 draws its three lessons from this table. Every row is a training run, so
 the whole table takes a while on a CPU; --rows picks some of them.
 
