@@ -41,8 +41,8 @@ notebooks: $(STAMP)
 
 # The tests run in one worker per core (TEST_WORKERS=0 runs them in this
 # process); each notebook goes whole to one worker (--dist loadscope), and
-# conftest.py starts the two training notebooks first and gives each worker
-# its share of the cores. The stand-in is packed before (`pack`), so that no
+# conftest.py starts the training and deployment notebooks first and gives
+# each worker its share of the cores. The stand-in is packed before (`pack`), so that no
 # two notebooks write its pack at the same time.
 TEST_WORKERS ?= auto
 

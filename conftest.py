@@ -7,13 +7,15 @@ each notebook goes whole to one worker. Two things follow.
   cores. PyTorch and MXNet otherwise start a thread per core in every
   process, and two workers with two threads each on two cores train several
   times slower than with one each.
-- The two training notebooks take most of the time, so they are handed out
-  first, one to each worker, and everything else fills in beside them;
-  otherwise they could start last, or both in one worker.
+- The training notebooks take most of the time, and so do the deployment
+  notebooks, which train the same network when they find none saved (as on
+  a fresh machine, where they run beside the training ones). They are
+  handed out first, and everything else fills in beside them; otherwise
+  they could start last, or all in one worker.
 """
 import os
 
-LONGEST_FIRST = ('training.ipynb',)
+LONGEST_FIRST = ('training.ipynb', 'deployment.ipynb')
 
 _workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
 if _workers > 1:  # before any test module imports a framework

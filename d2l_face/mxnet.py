@@ -702,17 +702,15 @@ class MarginLogits(nn.Block):
 def all_devices():
     """Every GPU there is, or the CPU when there is none.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     return [npx.gpu(i) for i in range(npx.num_gpus())] or [npx.cpu()]
 
 def embed_pairs(net, images, batch_size=256, devices=None):
     """Unit-length sums of the embeddings of images[0] and images[1].
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     devices = devices or all_devices()
-    if images.ndim != 5 or images.shape[0] != 2 or images.shape[1] == 0:
-        raise ValueError(f'expected images of shape (2, n, 3, h, w) with '
-                         f'n > 0, not {images.shape}')
+    checks.check_pair_images(images)
     chunks = []
     for i in range(0, images.shape[1], batch_size):
         total = 0
@@ -730,39 +728,31 @@ def embed_pairs(net, images, batch_size=256, devices=None):
 def pair_scores(embeddings):
     """Cosine similarity of the two unit embeddings of each pair.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     embeddings = onp.asarray(embeddings)
-    if embeddings.ndim != 2 or len(embeddings) % 2:
-        raise ValueError(f'expected two embeddings per pair, in rows, not '
-                         f'an array of shape {embeddings.shape}')
+    checks.check_pair_embeddings(embeddings)
     return (embeddings[0::2] * embeddings[1::2]).sum(axis=1)
+
+def pixel_embeddings(images):
+    """Centered raw pixels of each image plus its mirror, unit length.
+
+    Defined in :numref:`sec_facerecognition_verification`"""
+    pixels = images.reshape(2, images.shape[1], -1).astype(onp.float64)
+    pixels = (pixels - pixels.mean(axis=2, keepdims=True)).sum(axis=0)
+    return pixels / onp.linalg.norm(pixels, axis=1, keepdims=True)
 
 def check_pairs(scores, issame, num_folds=1):
     """Scores (float64) and labels (bool) of pairs, checked to fit.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     scores, issame = onp.asarray(scores), onp.asarray(issame)
-    if scores.dtype.kind not in 'iuf':  # not complex, text or objects
-        raise ValueError(f'scores must be real numbers, not {scores.dtype}')
-    scores = scores.astype(onp.float64)
-    if scores.ndim != 1 or issame.shape != scores.shape:
-        raise ValueError(f'expected one score and one label per pair, not '
-                         f'shapes {scores.shape} and {issame.shape}')
-    if len(scores) < max(num_folds, 1):
-        raise ValueError(f'{len(scores)} pairs are too few for '
-                         f'{max(num_folds, 1)} fold(s)')
-    if not onp.isfinite(scores).all():
-        bad = onp.flatnonzero(~onp.isfinite(scores))
-        raise ValueError(f'{len(bad)} scores are NaN or infinite, the first '
-                         f'of pair {bad[0]}: is an embedding all zeros?')
-    if issame.dtype.kind not in 'biuf' or not onp.isin(issame, (0, 1)).all():
-        raise ValueError('labels must be True/False or 1/0')
-    return scores, issame.astype(bool)
+    checks.check_pairs(scores, issame, num_folds)
+    return scores.astype(onp.float64), issame.astype(bool)
 
 def count_accepts_sorted(descending, same, thresholds):
     """True and false accepts (score > threshold) of sorted scores.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     same_in_top = onp.concatenate([[0], onp.cumsum(same)])
     # k[i]: how many scores lie strictly above thresholds[i]
     k = onp.searchsorted(-descending, -onp.asarray(thresholds), side='left')
@@ -771,7 +761,7 @@ def count_accepts_sorted(descending, same, thresholds):
 def count_accepts(scores, issame, thresholds):
     """True and false accepts (score > threshold) for each threshold.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     scores, issame = check_pairs(scores, issame)
     order = onp.argsort(-scores, kind='stable')
     return count_accepts_sorted(scores[order], issame[order], thresholds)
@@ -779,10 +769,9 @@ def count_accepts(scores, issame, thresholds):
 def candidate_thresholds(scores, is_sorted=False):
     """One threshold per distinct decision, from accept none to accept all.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     scores = onp.asarray(scores, onp.float64)
-    if scores.size == 0 or not onp.isfinite(scores).all():
-        raise ValueError('need at least one score, and no NaN or infinity')
+    checks.check_finite_scores(scores)
     descending = scores if is_sorted else onp.sort(scores)[::-1]
     values = descending[onp.concatenate([[True],
                                          descending[1:] != descending[:-1]])]
@@ -792,14 +781,11 @@ def candidate_thresholds(scores, is_sorted=False):
 def best_threshold_sorted(descending, same, thresholds=None):
     """The most accurate threshold (the first on ties) for sorted scores.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     if thresholds is None:
         thresholds = candidate_thresholds(descending, is_sorted=True)
     thresholds = onp.asarray(thresholds, onp.float64)
-    if thresholds.ndim != 1 or not thresholds.size or \
-            not onp.isfinite(thresholds).all():
-        raise ValueError('thresholds must be a non-empty list of finite '
-                         'numbers')
+    checks.check_thresholds(thresholds)
     true_accepts, false_accepts = count_accepts_sorted(descending, same,
                                                        thresholds)
     correct = true_accepts + (len(same) - same.sum()) - false_accepts
@@ -809,7 +795,7 @@ def best_threshold_sorted(descending, same, thresholds=None):
 def best_threshold(scores, issame, thresholds=None):
     """The most accurate threshold (the first on ties) and its accuracy.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     scores, issame = check_pairs(scores, issame)
     order = onp.argsort(-scores, kind='stable')
     return best_threshold_sorted(scores[order], issame[order], thresholds)
@@ -817,20 +803,14 @@ def best_threshold(scores, issame, thresholds=None):
 def kfold_splits(num_pairs, num_folds=10):
     """Indices of the test pairs of each fold: contiguous, sizes within 1.
 
-    Defined in :numref:`sec_facerecognition_training`"""
-    if not all(isinstance(n, (int, onp.integer)) and not isinstance(n, bool)
-               for n in (num_pairs, num_folds)):
-        raise ValueError(f'the numbers of pairs and folds must be integers, '
-                         f'not {num_pairs!r} and {num_folds!r}')
-    if num_folds < 2 or num_pairs < num_folds:
-        raise ValueError(f'need 2 or more folds, and at least one pair per '
-                         f'fold: {num_pairs} pairs, {num_folds} folds')
+    Defined in :numref:`sec_facerecognition_verification`"""
+    checks.check_folds(num_pairs, num_folds)
     return onp.array_split(onp.arange(num_pairs), num_folds)
 
 def kfold_train_test(num_pairs, num_folds=10):
     """Yield (train mask, test indices) for each fold.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     for test in kfold_splits(num_pairs, num_folds):
         train = onp.ones(num_pairs, bool)
         train[test] = False
@@ -839,7 +819,7 @@ def kfold_train_test(num_pairs, num_folds=10):
 def verification_accuracy(scores, issame, num_folds=10, thresholds=None):
     """k-fold verification accuracy: mean, std and each fold's threshold.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     scores, issame = check_pairs(scores, issame, num_folds)
     # Sort once for all folds: dropping a fold from a sorted list keeps the
     # rest sorted, so each fold only needs a mask, not a sort of its own.
@@ -857,17 +837,15 @@ def verification_accuracy(scores, issame, num_folds=10, thresholds=None):
 def standard_error(std, num_folds=10):
     """LFW's standard error of the mean, from the std over folds (np.std).
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     return std / onp.sqrt(num_folds - 1)
 
 def far_threshold(scores, issame, far=1e-3):
     """Lowest threshold that accepts at most a fraction `far` of impostors.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     scores, issame = check_pairs(scores, issame)
-    if onp.ndim(far) or onp.asarray(far).dtype.kind not in 'iuf' or \
-            not 0 <= far <= 1:
-        raise ValueError(f'far must be a number between 0 and 1, not {far!r}')
+    checks.check_far(far)
     different = onp.sort(scores[~issame])[::-1]
     allowed = int(onp.floor(far * len(different) + 1e-9))
     if allowed >= len(different):
@@ -877,10 +855,9 @@ def far_threshold(scores, issame, far=1e-3):
 def val_at_far(scores, issame, far=1e-3, num_folds=10):
     """k-fold VAL at a target FAR: mean and std of VAL, mean of FAR.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     scores, issame = check_pairs(scores, issame, num_folds)
-    if issame.all() or not issame.any():
-        raise ValueError('VAL and FAR need both same and different pairs')
+    checks.check_both_kinds(issame, 'VAL and FAR')
     vals, fars = [], []
     for train, test in kfold_train_test(len(scores), num_folds):
         t = far_threshold(scores[train], issame[train], far)
@@ -894,10 +871,9 @@ def val_at_far(scores, issame, far=1e-3, num_folds=10):
 def roc_curve(scores, issame):
     """False and true accept rates at every distinct threshold.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     scores, issame = check_pairs(scores, issame)
-    if issame.all() or not issame.any():
-        raise ValueError('a ROC curve needs both same and different pairs')
+    checks.check_both_kinds(issame, 'a ROC curve')
     true_accepts, false_accepts = count_accepts(
         scores, issame, candidate_thresholds(scores))
     return (false_accepts / (~issame).sum(), true_accepts / issame.sum())
@@ -905,7 +881,7 @@ def roc_curve(scores, issame):
 def plot_roc(curves, figsize=(4.5, 3.5)):
     """Plot ROC curves, given as a dict name -> (fpr, tpr), log-scaled FPR.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     d2l.use_svg_display()
     _, ax = d2l.plt.subplots(figsize=figsize)
     for name, (fpr, tpr) in curves.items():
@@ -921,7 +897,7 @@ def plot_roc(curves, figsize=(4.5, 3.5)):
 def plot_score_histogram(scores, issame, threshold=None, figsize=(4.5, 3)):
     """Histograms of the scores of same and of different pairs.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     scores, issame = check_pairs(scores, issame)
     d2l.use_svg_display()
     _, ax = d2l.plt.subplots(figsize=figsize)
@@ -938,7 +914,7 @@ def evaluate_verification(net, verification_set, batch_size=256,
                           devices=None, far=1e-3, num_folds=10):
     """Verification accuracy and VAL at FAR of `net` on one .bin set.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_verification`"""
     images, issame = verification_set
     scores = pair_scores(embed_pairs(net, images, batch_size, devices))
     acc, acc_std, thresholds = verification_accuracy(scores, issame,
@@ -948,6 +924,64 @@ def evaluate_verification(net, verification_set, batch_size=256,
             'acc_se': standard_error(acc_std, num_folds),
             'threshold': thresholds.mean(), 'val': val, 'val_std': val_std,
             'far': far_measured}
+
+def find_bin_sets(folders):
+    """The .bin verification sets in a folder or list of folders, by name.
+
+    Defined in :numref:`sec_facerecognition_verification`"""
+    known = ['lfw', 'cfp_fp', 'agedb_30', 'calfw', 'cplfw']
+    paths = {}
+    for folder in [folders] if isinstance(folders, str) else folders:
+        # os.listdir, not glob: a folder name may hold characters such as
+        # '[' that a glob pattern would read as wildcards.
+        for file_name in sorted(os.listdir(folder)):
+            name, ext = os.path.splitext(file_name)
+            path = os.path.join(folder, file_name)
+            if ext != '.bin' or os.path.isdir(path):
+                continue
+            if name in paths:
+                raise ValueError(f'two verification sets named {name!r}: '
+                                 f'{paths[name]} and {path}')
+            paths[name] = path
+    order = sorted(paths, key=lambda name: (
+        known.index(name) if name in known else len(known), name))
+    return {name: paths[name] for name in order}
+
+def evaluate_bin_sets(embed, folders, far=1e-3, num_folds=10):
+    """Verification accuracy and VAL at FAR on every .bin set in folders.
+
+    Defined in :numref:`sec_facerecognition_verification`"""
+    sets = find_bin_sets(folders)
+    if not sets:
+        raise FileNotFoundError(f'no .bin verification set in {folders}')
+    print(f'{"set":<14}{"pairs":>6}  {"accuracy ± std":<15}  VAL ± std at '
+          f'FAR {far:g} (FAR reached)')
+    results = {}
+    for name, path in sets.items():
+        images, issame = load_bin(path)
+        embeddings = onp.asarray(embed(images), onp.float64)
+        checks.check_unit_embeddings(embeddings, images.shape[1], path)
+        scores = pair_scores(embeddings)
+        acc, acc_std, _ = verification_accuracy(scores, issame, num_folds)
+        val, val_std, far_reached = val_at_far(scores, issame, far,
+                                               num_folds)
+        results[name] = dict(pairs=len(issame), acc=acc, acc_std=acc_std,
+                             val=val, val_std=val_std, far=far_reached)
+        print(f'{name:<14}{len(issame):>6}  {acc:.4f} ± {acc_std:.4f}  '
+              f'{val:.4f} ± {val_std:.4f} ({far_reached:.4f})')
+    return results
+
+def more_verification_sets():
+    """A folder holding a second stand-in .bin set, written on first use.
+
+    Defined in :numref:`sec_facerecognition_verification`"""
+    folder = os.path.join(d2l_face.data_root(), 'more-verification-sets')
+    path = os.path.join(folder, 'standin_seed1.bin')
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        binsets.save_bin_pairs(path, *standin.make_verification_pairs(
+            seed=1, num_pairs=200))
+    return folder
 
 class TrainingBoard:
     """Live plot: training loss on the left, accuracies on the right."""
@@ -987,24 +1021,12 @@ class TrainingBoard:
         display.display(self.fig)
         d2l.plt.close(self.fig)
 
-MIN_BATCH_PER_DEVICE = 2  # batch statistics need two values per feature
-
-def check_batch_size(batch_size, num_devices):
-    """Refuse a batch that leaves a device fewer than two images.
-
-    Defined in :numref:`sec_facerecognition_training`"""
-    if batch_size < MIN_BATCH_PER_DEVICE * num_devices:
-        raise ValueError(
-            f'a training batch of {batch_size} images on {num_devices} '
-            f'device(s): batch normalization needs at least '
-            f'{MIN_BATCH_PER_DEVICE} images per device')
-
 def train_face_step(net, margin, loss, trainer, X, y, devices,
                     batch_size=None):
     """One SGD step on a batch split among devices: (loss sum, # correct).
 
     Defined in :numref:`sec_facerecognition_training`"""
-    check_batch_size(X.shape[0], len(devices))
+    checks.check_batch_per_device(X.shape[0], len(devices))
     Xs = gluon.utils.split_and_load(X, devices, even_split=False)
     ys = gluon.utils.split_and_load(y, devices, even_split=False)
     with autograd.record():
@@ -1018,23 +1040,12 @@ def train_face_step(net, margin, loss, trainer, X, y, devices,
                   for l, y_i in zip(logits, ys))
     return sum(float(l.sum()) for l in losses), correct
 
-def check_sgd_settings(lr, wd, momentum):
-    """Refuse a learning rate, weight decay or momentum SGD cannot use.
-
-    Defined in :numref:`sec_facerecognition_training`"""
-    for name, value, low in [('lr', lr, 'positive'), ('wd', wd, 'non-negative'),
-                             ('momentum', momentum, 'non-negative')]:
-        ok = value > 0 if low == 'positive' else value >= 0
-        if not (ok and math.isfinite(value)):
-            raise ValueError(f'{name} must be a finite, {low} number, not '
-                             f'{value!r}')
-
 def facerec_trainer(net, margin, num_steps, lr, wd=5e-4, momentum=0.9,
                     warmup_steps=0, kvstore='device'):
     """SGD with momentum and weight decay, its learning rate on a cosine.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    check_sgd_settings(lr, wd, momentum)
+    checks.check_sgd_settings(lr, wd, momentum)
     schedule = mx.lr_scheduler.CosineScheduler(
         int(num_steps), lr, final_lr=0, warmup_steps=warmup_steps)
     params = (list(net.collect_params().values()) +
@@ -1042,31 +1053,6 @@ def facerec_trainer(net, margin, num_steps, lr, wd=5e-4, momentum=0.9,
     return gluon.Trainer(params, 'sgd', {
         'learning_rate': lr, 'momentum': momentum, 'wd': wd,
         'lr_scheduler': schedule}, kvstore=kvstore)
-
-def describe_batches(train_iter):
-    """How many images in batches of what size, where the iterator says.
-
-    Defined in :numref:`sec_facerecognition_training`"""
-    pack = getattr(train_iter, 'pack', None)  # as FaceRecordIter has
-    batch_size = getattr(train_iter, 'batch_size', None)
-    if pack is None or batch_size is None:
-        size = len(train_iter) if hasattr(train_iter, '__len__') else '?'
-        return f'{type(train_iter).__name__} of length {size}'
-    return (f'{len(pack)} images in batches of {batch_size}, the last '
-            f'incomplete batch dropped')
-
-def check_train_input(train_iter, num_steps, eval_every=1, log_every=1):
-    """Refuse counts below 1, and training data without a single batch.
-
-    Defined in :numref:`sec_facerecognition_training`"""
-    for name, value in [('num_steps', num_steps), ('eval_every', eval_every),
-                        ('log_every', log_every)]:
-        if not value >= 1 or int(value) != value:
-            raise ValueError(f'{name} must be a whole number of at least 1, '
-                             f'not {value!r}')
-    if len(train_iter) == 0:
-        raise ValueError(f'the training data yields no batch: '
-                         f'{describe_batches(train_iter)}')
 
 def facerec_batches(train_iter, num_steps):
     """Yield num_steps batches, going through train_iter as often as needed.
@@ -1083,7 +1069,7 @@ def facerec_batches(train_iter, num_steps):
         if empty:
             raise ValueError(f'a pass over the training data yielded no '
                              f'batch, after step {step}: '
-                             f'{describe_batches(train_iter)}')
+                             f'{checks.describe_batches(train_iter)}')
 
 class TrainingDiverged(FloatingPointError):
     """The training loss became infinite or NaN.
@@ -1127,7 +1113,7 @@ def train_facerec(net, margin, train_iter, verification_sets, num_steps, lr,
     """Train a face embedding network with margin logits, on all devices.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    check_train_input(train_iter, num_steps, eval_every, log_every)
+    checks.check_train_input(train_iter, num_steps, eval_every, log_every)
     devices, steps_per_epoch = devices or all_devices(), len(train_iter)
     for block in (net, margin):
         block.collect_params().reset_ctx(devices)
@@ -1180,67 +1166,58 @@ def set_seeds(seed=0):
     onp.random.seed(seed)
     npx.random.seed(seed)
 
-def find_bin_sets(folders):
-    """The .bin verification sets in a folder or list of folders, by name.
+def facerec_net_and_margin(config, num_classes, devices):
+    """A fresh Face-ResNet and margin layer as config says, on devices.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    known = ['lfw', 'cfp_fp', 'agedb_30', 'calfw', 'cplfw']
-    paths = {}
-    for folder in [folders] if isinstance(folders, str) else folders:
-        # os.listdir, not glob: a folder name may hold characters such as
-        # '[' that a glob pattern would read as wildcards.
-        for file_name in sorted(os.listdir(folder)):
-            name, ext = os.path.splitext(file_name)
-            path = os.path.join(folder, file_name)
-            if ext != '.bin' or os.path.isdir(path):
-                continue
-            if name in paths:
-                raise ValueError(f'two verification sets named {name!r}: '
-                                 f'{paths[name]} and {path}')
-            paths[name] = path
-    order = sorted(paths, key=lambda name: (
-        known.index(name) if name in known else len(known), name))
-    return {name: paths[name] for name in order}
+    net = face_resnet(config['depth'], config['width'],
+                      config['embedding_size'])
+    net.initialize(init.Xavier(), ctx=devices)
+    net.hybridize()
+    margin = MarginLogits(num_classes, config['embedding_size'], config['s'],
+                          *MARGIN_SETTINGS[config['margin']])
+    margin.initialize(ctx=devices)
+    return net, margin
 
-def evaluate_bin_sets(embed, folders, far=1e-3, num_folds=10):
-    """Verification accuracy and VAL at FAR on every .bin set in folders.
+def facerec_train_args(config):
+    """The keyword arguments of train_facerec that a configuration sets.
 
     Defined in :numref:`sec_facerecognition_training`"""
-    sets = find_bin_sets(folders)
-    if not sets:
-        raise FileNotFoundError(f'no .bin verification set in {folders}')
-    print(f'{"set":<14}{"pairs":>6}  {"accuracy ± std":<15}  VAL ± std at '
-          f'FAR {far:g} (FAR reached)')
-    results = {}
-    for name, path in sets.items():
-        images, issame = load_bin(path)
-        embeddings = onp.asarray(embed(images), onp.float64)
-        if embeddings.shape[0] != images.shape[1] or not onp.allclose(
-                onp.linalg.norm(embeddings, axis=1), 1, atol=1e-4):
-            raise ValueError(f'{path}: embed must return one unit-length '
-                             f'embedding per image, {images.shape[1]} in '
-                             f'all, not an array of shape {embeddings.shape}')
-        scores = pair_scores(embeddings)
-        acc, acc_std, _ = verification_accuracy(scores, issame, num_folds)
-        val, val_std, far_reached = val_at_far(scores, issame, far,
-                                               num_folds)
-        results[name] = dict(pairs=len(issame), acc=acc, acc_std=acc_std,
-                             val=val, val_std=val_std, far=far_reached)
-        print(f'{name:<14}{len(issame):>6}  {acc:.4f} ± {acc_std:.4f}  '
-              f'{val:.4f} ± {val_std:.4f} ({far_reached:.4f})')
-    return results
+    return {key: config[key] for key in ('lr', 'wd', 'momentum',
+                                         'warmup_steps', 'eval_every')}
+
+def face_net_path(config):
+    """Where the chapter keeps the trained network of a configuration.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    name = 'face_resnet{depth}_w{width}_e{embedding_size}'.format(**config)
+    return os.path.join(d2l_face.data_root(), 'models', name + '.params')
+
+def save_face_net(net, path):
+    """Write the parameters of net to path, whole or not at all.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = publish.temp_path(os.path.dirname(path))
+    net.save_parameters(temp)
+    os.replace(temp, path)
+
+def load_face_net(config, path, devices):
+    """A Face-ResNet of a configuration with the parameters saved at path.
+
+    Defined in :numref:`sec_facerecognition_training`"""
+    net = face_resnet(config['depth'], config['width'],
+                      config['embedding_size'])
+    net.load_parameters(path, ctx=devices)
+    net.hybridize()
+    return net
 
 def embed_face(net, image, devices=None):
     """Unit embedding of one aligned RGB uint8 face of shape (h, w, 3).
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_deployment`"""
     image = onp.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f'expected an RGB image of shape (h, w, 3), not '
-                         f'{image.shape}')
-    if image.dtype != onp.uint8:  # casting would wrap or truncate, NaN too
-        raise ValueError(f'expected a uint8 RGB image of shape (h, w, 3), '
-                         f'not {image.dtype}: pixel values 0 to 255')
+    checks.check_face_image(image)
     chw = image.transpose(2, 0, 1)
     both = onp.stack([chw, chw[:, :, ::-1]])[:, None]  # (2, 1, 3, h, w)
     return embed_pairs(net, both, 1, devices)[0]
@@ -1248,27 +1225,15 @@ def embed_face(net, image, devices=None):
 def identify(probes, gallery, threshold=None):
     """Most similar gallery row of each unit probe, its cosine; -1: nobody.
 
-    Defined in :numref:`sec_facerecognition_training`"""
+    Defined in :numref:`sec_facerecognition_deployment`"""
     probes, gallery = onp.asarray(probes), onp.asarray(gallery)
-    if probes.ndim != 2 or gallery.ndim != 2 or len(gallery) == 0 or \
-            probes.shape[1] != gallery.shape[1] or \
-            not {probes.dtype.kind, gallery.dtype.kind} <= set('iuf'):
-        raise ValueError(f'expected real probes (n, d) and a non-empty '
-                         f'gallery (m, d), not {probes.shape} {probes.dtype} '
-                         f'and {gallery.shape} {gallery.dtype}')
+    checks.check_gallery(probes, gallery, threshold)
     threshold = -onp.inf if threshold is None else float(threshold)
-    if onp.isnan(threshold):
-        raise ValueError('the threshold is NaN')
-    # A row with NaN or infinity (a failed enrollment, say) is similar to
-    # nothing: it never wins, and such a probe finds nobody.
     rows = [x.astype(onp.float64) for x in (probes, gallery)]
     bad = [~onp.isfinite(x).all(axis=1) for x in rows]
     for x, unusable, name in zip(rows, bad, ('probe', 'gallery')):
-        x[unusable] = 0
-        off = onp.abs(onp.linalg.norm(x[~unusable], axis=1) - 1)
-        if len(off) and off.max() > 1e-3:
-            raise ValueError(f'{name} rows must be unit embeddings, one '
-                             f'is {off.max():g} away from length 1')
+        x[unusable] = 0  # similar to nothing, below
+        checks.check_unit_rows(x[~unusable], name)
     similarity = rows[0] @ rows[1].T
     similarity[bad[0]], similarity[:, bad[1]] = -onp.inf, -onp.inf
     best = similarity.argmax(axis=1)

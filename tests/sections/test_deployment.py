@@ -1,5 +1,7 @@
-"""The ONNX export of the PyTorch tab (export_onnx, InsightFaceInput) and
-d2l_face.onnxrun, which runs such files with ONNX Runtime."""
+"""The deployment section: embedding one face, identification against a
+gallery (both tabs, through the `d2lf` fixture), and the PyTorch tab's ONNX
+export (export_onnx, InsightFaceInput) with d2l_face.onnxrun, which runs
+such files with ONNX Runtime."""
 import os
 
 import cv2
@@ -7,10 +9,157 @@ import numpy as onp
 import onnx
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import TensorProto, helper
 
 from d2l_face import onnxrun
-from d2l_face import torch as d2lf
+from d2l_face import torch as d2lf_torch
+from synthetic import synthetic_pairs
+from tiny_models import cpus, tiny_net
+
+
+# ------------------------------------------------------- one face at a time
+
+def test_embed_face_matches_embed_pairs_and_checks_shape(d2lf):
+    net = tiny_net(d2lf)
+    images, _ = synthetic_pairs()
+    face = images[0, 3].transpose(1, 2, 0)
+    emb = d2lf.embed_face(net, face, devices=cpus(d2lf))
+    assert emb.shape == (8,) and onp.linalg.norm(emb) == pytest.approx(1)
+    pairs = d2lf.embed_pairs(net, images, devices=cpus(d2lf))
+    assert onp.abs(emb - pairs[3]).max() < 1e-5
+    with pytest.raises(ValueError, match='RGB'):
+        d2lf.embed_face(net, face[:, :, 0])
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float64', 'bool', 'int64'])
+def test_embed_face_refuses_what_is_not_uint8(d2lf, dtype):
+    # Once cast: 0.5 became 0, 300 became 44 and NaN some byte.
+    images, _ = synthetic_pairs()
+    face = images[0, 3].transpose(1, 2, 0).astype(dtype)
+    if dtype.startswith('float'):
+        face[0, 0, 0] = onp.nan
+    with pytest.raises(ValueError, match=r'uint8 RGB image .*not ' + dtype):
+        d2lf.embed_face(tiny_net(d2lf), face, devices=cpus(d2lf))
+
+
+# ------------------------------------------------------------ identification
+
+def unit_rows(x):
+    x = onp.asarray(x, onp.float64)
+    return x / onp.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_identify_names_the_most_similar_gallery_entry(d2lf):
+    gallery = onp.eye(4)[:3]  # three people along three axes
+    probes = unit_rows([[0.1, 0.9, 0, 0.1],   # close to #1
+                        [0, 0.1, 0.2, 0.97],  # mostly outside the gallery
+                        [0.8, 0, 0.6, 0]])    # #0, cosine 0.8
+    best, cosine = d2lf.identify(probes, gallery)
+    assert best.tolist() == [1, 2, 0]
+    assert cosine == pytest.approx([probes[0, 1], probes[1, 2], 0.8])
+    best, _ = d2lf.identify(probes, gallery, threshold=0.5)
+    assert best.tolist() == [1, -1, 0]  # the second probe is nobody
+    best, _ = d2lf.identify(probes, gallery, threshold=0.8)
+    assert best.tolist() == [1, -1, -1]  # "above" the threshold is strict
+
+
+def test_identify_matches_a_loop_over_the_gallery(d2lf):
+    rng = onp.random.default_rng(0)
+    probes, gallery = unit_rows(rng.normal(size=(50, 16))), \
+        unit_rows(rng.normal(size=(30, 16)))
+    best, cosine = d2lf.identify(probes, gallery, threshold=0.2)
+    for p, b, c in zip(probes, best, cosine):
+        similarities = [p @ g for g in gallery]
+        assert c == pytest.approx(max(similarities))
+        expected = int(onp.argmax(similarities)) if max(similarities) > 0.2 \
+            else -1
+        assert b == expected
+
+
+@pytest.mark.parametrize('probes, gallery', [
+    (onp.ones((2, 3)), onp.ones((4, 5))),   # different embedding sizes
+    (onp.ones(3), onp.ones((4, 3))),        # one probe without its batch axis
+    (onp.ones((2, 3)), onp.ones((0, 3))),   # nobody enrolled
+])
+def test_identify_rejects_bad_shapes(d2lf, probes, gallery):
+    with pytest.raises(ValueError, match='expected real probes'):
+        d2lf.identify(probes, gallery)
+
+
+def test_a_nan_gallery_row_never_wins(d2lf):
+    gallery = onp.eye(3)
+    gallery[1] = onp.nan  # a failed enrollment
+    probes = unit_rows([[0.1, 0.99, 0], [0, 0.6, 0.8]])
+    best, cosine = d2lf.identify(probes, gallery)
+    assert best.tolist() == [0, 2]
+    assert cosine == pytest.approx([probes[0, 0], 0.8])
+    best, _ = d2lf.identify(probes, gallery, threshold=0.5)
+    assert best.tolist() == [-1, 2]
+
+
+@pytest.mark.parametrize('value', [onp.inf, -onp.inf])
+def test_an_infinite_gallery_row_never_wins(d2lf, value):
+    gallery = onp.eye(3)
+    gallery[1, 1] = value
+    best, cosine = d2lf.identify(unit_rows([[0.6, 0.8, 0]]), gallery)
+    assert best.tolist() == [0] and cosine == pytest.approx([0.6])
+
+
+@pytest.mark.parametrize('scale', [1e300, 5.0, 0.0])
+def test_rows_that_are_not_unit_embeddings_are_refused(d2lf, scale):
+    gallery = onp.eye(3)
+    gallery[2] *= scale
+    with pytest.raises(ValueError, match='gallery rows must be unit'):
+        d2lf.identify(unit_rows([[0.6, 0.8, 0]]), gallery)
+    with pytest.raises(ValueError, match='probe rows must be unit'):
+        d2lf.identify(onp.eye(3) * scale, onp.eye(3))
+
+
+@pytest.mark.parametrize('threshold', [onp.nan, 'abc'])
+def test_a_threshold_that_is_not_a_number_is_refused(d2lf, threshold):
+    with pytest.raises(ValueError):
+        d2lf.identify(onp.eye(3), onp.eye(3), threshold)
+
+
+def test_complex_embeddings_are_refused(d2lf):
+    with pytest.raises(ValueError, match='expected real probes'):
+        d2lf.identify(onp.eye(3) * (1 + 0j), onp.eye(3))
+
+
+def test_a_nan_probe_or_an_all_nan_gallery_finds_nobody(d2lf):
+    gallery = onp.eye(3)
+    probes = onp.array([[onp.nan, 0, 0], [1.0, 0, 0]])
+    best, _ = d2lf.identify(probes, gallery)
+    assert best.tolist() == [-1, 0]
+    best, _ = d2lf.identify(probes, onp.full((2, 3), onp.nan))
+    assert best.tolist() == [-1, -1]
+    best, cosine = d2lf.identify(onp.ones((0, 3)), gallery)
+    assert best.shape == cosine.shape == (0,)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 2**32 - 1), st.lists(st.booleans(), min_size=2,
+                                            max_size=12))
+def test_nan_rows_are_as_if_left_out_of_the_gallery(d2lf, seed, is_nan):
+    """identify with NaN rows = identify on the other rows, renumbered."""
+    rng = onp.random.default_rng(seed)
+    is_nan = onp.array(is_nan)
+    gallery = unit_rows(rng.normal(size=(len(is_nan), 5)))
+    gallery[is_nan] = onp.nan
+    probes = unit_rows(rng.normal(size=(7, 5)))
+    best, cosine = d2lf.identify(probes, gallery, threshold=0.1)
+    if is_nan.all():
+        assert (best == -1).all()
+        return
+    kept = onp.flatnonzero(~is_nan)
+    expected, expected_cosine = d2lf.identify(probes, gallery[kept], 0.1)
+    assert best.tolist() == [kept[i] if i >= 0 else -1 for i in expected]
+    assert cosine == pytest.approx(expected_cosine)
+
+
+# ------------------------------------------------ ONNX (the PyTorch tab)
 
 SIZE = 112
 
@@ -19,7 +168,7 @@ SIZE = 112
 def trained_like_net():
     """A small Face-ResNet whose batch norms hold non-trivial statistics."""
     torch.manual_seed(0)
-    net = d2lf.face_resnet(18, 0.125, 64)
+    net = d2lf_torch.face_resnet(18, 0.125, 64)
     net.train()
     with torch.no_grad():  # a few batches move the running statistics
         for _ in range(3):
@@ -30,7 +179,7 @@ def trained_like_net():
 @pytest.fixture(scope='module')
 def exported(trained_like_net, tmp_path_factory):
     path = str(tmp_path_factory.mktemp('onnx') / 'net.onnx')
-    assert d2lf.export_onnx(trained_like_net, path) == path
+    assert d2lf_torch.export_onnx(trained_like_net, path) == path
     return path
 
 
@@ -62,7 +211,7 @@ def test_bridge_maps_insightface_input_to_the_networks(trained_like_net):
     images = faces(4, seed=1)
     scaled = torch.from_numpy((images.astype(onp.float32) - 127.5) / 127.5)
     with torch.no_grad():
-        bridged = d2lf.InsightFaceInput(trained_like_net)(scaled).numpy()
+        bridged = d2lf_torch.InsightFaceInput(trained_like_net)(scaled).numpy()
     assert onp.abs(bridged - torch_embed(trained_like_net, images)).max() \
         < 1e-5
 
@@ -129,7 +278,7 @@ def test_export_keeps_training_mode_and_exports_eval_mode(trained_like_net,
     net = trained_like_net
     net.train()
     try:
-        path = d2lf.export_onnx(net, str(tmp_path / 'net.onnx'))
+        path = d2lf_torch.export_onnx(net, str(tmp_path / 'net.onnx'))
         assert net.training
     finally:
         net.eval()
