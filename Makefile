@@ -40,10 +40,12 @@ notebooks: $(STAMP)
 	$(BIN)/python tools/md2ipynb.py $(NOTEBOOKS)
 
 # The tests run in one worker per core (TEST_WORKERS=0 runs them in this
-# process); each notebook goes whole to one worker (--dist loadscope), and
-# conftest.py starts the training and deployment notebooks first and gives
-# each worker its share of the cores. The stand-in is packed before (`pack`), so that no
-# two notebooks write its pack at the same time.
+# process). Each notebook goes whole to one worker, and so do a tab's training
+# and deployment notebooks together, training first, so that deployment finds
+# the network training saved (--dist loadgroup; the groups and the order are
+# set in conftest.py, which also gives each worker its share of the cores).
+# The stand-in is packed before (`pack`), so that no two notebooks write its
+# pack at the same time.
 TEST_WORKERS ?= auto
 
 # The library's tests alone (no notebook runs): a couple of minutes.
@@ -53,7 +55,7 @@ check: $(STAMP)
 test: $(STAMP) standin pack notebooks
 	$(BIN)/python -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=1800 -p no:cacheprovider \
-		-n $(TEST_WORKERS) --dist loadscope
+		-n $(TEST_WORKERS) --dist loadgroup
 
 # Each framework tab is executed on its own (_build/eval, _build/eval_pytorch),
 # the two side by side, then `--tab all` merges them into one page per section

@@ -7,15 +7,20 @@ each notebook goes whole to one worker. Two things follow.
   cores. PyTorch and MXNet otherwise start a thread per core in every
   process, and two workers with two threads each on two cores train several
   times slower than with one each.
-- The training notebooks take most of the time, and so do the deployment
-  notebooks, which train the same network when they find none saved (as on
-  a fresh machine, where they run beside the training ones). They are
-  handed out first, and everything else fills in beside them; otherwise
-  they could start last, or all in one worker.
+- The training notebooks take most of the time. The deployment notebook of
+  a tab loads the network its training notebook saved, and trains it again
+  when it finds none (as on a fresh machine, if it ran beside the training).
+  So each tab's training and deployment notebooks go to one worker as one
+  unit (``--dist loadgroup``), training first, and these units are handed
+  out first; every other test file and notebook is a unit of its own, as
+  ``--dist loadscope`` would make it.
 """
 import os
 
-LONGEST_FIRST = ('training.ipynb', 'deployment.ipynb')
+import pytest
+
+# Per tab, in the order a worker runs them.
+TRAIN_THEN_DEPLOY = ('training.ipynb', 'deployment.ipynb')
 
 _workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
 if _workers > 1:  # before any test module imports a framework
@@ -23,7 +28,19 @@ if _workers > 1:  # before any test module imports a framework
                           str(max(1, (os.cpu_count() or 1) // _workers)))
 
 
+def _work_unit(item):
+    """The unit of work an item belongs to, and whether it comes first."""
+    path = str(item.path)
+    name = os.path.basename(path)
+    if name in TRAIN_THEN_DEPLOY:
+        tab = os.path.basename(os.path.dirname(path))
+        return f'{tab}-training-and-deployment', TRAIN_THEN_DEPLOY.index(name)
+    return os.path.relpath(path), len(TRAIN_THEN_DEPLOY)
+
+
+# Before pytest-xdist reads the marks (its own hook of this name).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    def starts_late(item):
-        return os.path.basename(str(item.path)) not in LONGEST_FIRST
-    items.sort(key=starts_late)  # stable: cells keep their order
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_work_unit(item)[0]))
+    items.sort(key=lambda item: _work_unit(item)[1])  # stable: cells in order

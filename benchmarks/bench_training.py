@@ -1,11 +1,11 @@
 """Figure 4: training speed of the chapter's CPU configuration, both tabs.
 
-One step is `train_face_step`, the training step of section 4: forward,
+One step is `train_face_step`, the training step of the training section: forward,
 backward and update of `face_resnet(...)` with `MarginLogits(...)` under
 softmax cross-entropy and SGD (`facerec_trainer`), on a batch of stand-in
 faces from the project's loader that is already in memory; MXNet's runs
 are waited for with npx.waitall(). The configuration is CPU_CONFIG, the one
-section 4 trains with on a CPU, shared by both tabs. The two tabs' steps
+the training section trains with on a CPU, shared by both tabs. The two tabs' steps
 are reported side by side. For PyTorch we also time the whole training
 loop, `train_facerec` over the same number of steps (the loader decoding
 and flipping batches, the step, the loss and accuracy records and status
@@ -56,7 +56,7 @@ def mxnet_steps(cfg, num_classes, data_dir, num_steps):
                                       cfg['margin']])
     net.initialize(init.Xavier(), ctx=devices)
     margin.initialize(ctx=devices)
-    net.hybridize()  # as section 4 does
+    net.hybridize()  # as the training section does
     loss = gluon.loss.SoftmaxCrossEntropyLoss()
     trainer = d2lf_mx.facerec_trainer(net, margin, 10 ** 6, cfg['lr'],
                                       cfg['wd'], cfg['momentum'])

@@ -1,14 +1,14 @@
-"""Tuning table of section 4: margin settings for the CPU network, accuracy.
+"""Tuning table of the training section: margin settings for the CPU network, accuracy.
 
 Each setting trains the network of d2lf.CPU_CONFIG with d2lf.train_facerec
-for --steps steps (300 by default, a few more than section 4 trains) from each
+for --steps steps (300 by default, a few more than the training section trains) from each
 seed in --seeds (0 by default), with CPU_CONFIG's learning rate, warm-up and
 other settings unless the row changes them, on the stand-in data. For each
 setting it prints the 10-fold verification accuracy on the stand-in's
 lfw_small after the last step, and the training accuracy (on the margin
 logits) over the last tenth of the steps; with several seeds, their mean
-and standard deviation. Section 4 ("A Network and a Margin for the CPU")
-draws its three lessons from this table. Every row is a training run, so
+and standard deviation. The training section's "A Network and a Margin for
+the CPU" draws its three lessons from this table. Every row is a training run, so
 the whole table takes a while on a CPU; --rows picks some of them.
 
     python benchmarks/bench_tuning.py
@@ -45,7 +45,7 @@ SETTINGS = {  # row name: what it changes in d2lf.CPU_CONFIG
 
 def train(cfg, num_steps, seed, data_dir):
     """Train one setting from one seed: (lfw_small accuracy, train acc)."""
-    d2lf.set_seeds(seed)  # in the order section 4 draws its random numbers
+    d2lf.set_seeds(seed)  # in the order the training section draws its random numbers
     train_iter, verification_sets = d2lf.load_data_facerec(
         data_dir, ['lfw_small'], cfg['batch_per_device'])
     net = d2lf.face_resnet(cfg['depth'], cfg['width'], cfg['embedding_size'])

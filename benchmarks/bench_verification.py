@@ -8,7 +8,7 @@
     positives and negatives as the original does), the first best
     threshold, then its accuracy on the fold (the original's ROC curve and
     VAL@FAR, which need further loops, are left out);
-(b) the project's functions from section 3: d2lf.pair_scores (cosine
+(b) the project's functions from the verification section: d2lf.pair_scores (cosine
     similarity of the pairs) and d2lf.verification_accuracy (one sort and
     cumulative sum per fold), given the same grid as cosine thresholds.
 Both are timed from the embeddings, and again from precomputed distances
@@ -104,7 +104,7 @@ def main():
         cases['b search'] = lambda: d2lf.verification_accuracy(
             scores, issame, 10, grid)
         print('  (b) is d2lf.pair_scores + d2lf.verification_accuracy '
-              '(section 3), on the equivalent grid of cosine thresholds')
+              '(verification section), on the equivalent grid of cosine thresholds')
     runs = round_robin({k: (lambda f: lambda: (f(), 1)[1])(f)
                         for k, f in cases.items()}, repeats=args.repeats)
     ms = {k: [r['wall'] * 1e3 for r in v] for k, v in runs.items()}

@@ -195,6 +195,53 @@ def check_detector(nets, min_face_size):
 
 # Face-ResNet, margin losses and the parallel margin layer.
 
+def check_face_resnet(depth, depths, width):
+    """Refuse a Face-ResNet depth not among `depths`, or a width <= 0."""
+    if depth not in depths:
+        raise ValueError(f'depth must be one of {sorted(depths)}, '
+                         f'not {depth!r}')
+    if not width > 0:
+        raise ValueError(f'width must be positive, not {width!r}')
+
+
+def check_margin(s, m1, m2, m3):
+    """Refuse a scale or margins that make the logits infinite or NaN."""
+    if not (math.isfinite(s) and s > 0 and math.isfinite(m1) and m1 > 0
+            and 0 <= m2 < math.pi and math.isfinite(m3)):
+        raise ValueError(f'need a finite s > 0, a finite m1 > 0, '
+                         f'0 <= m2 < pi and a finite m3, not s={s}, m1={m1}, '
+                         f'm2={m2}, m3={m3}')
+
+
+def check_shards(num_classes, num_shards):
+    """Refuse to split the classes into no shards or into empty ones."""
+    if not 1 <= num_shards <= num_classes:
+        raise ValueError(f'cannot split {num_classes} classes into '
+                         f'{num_shards} non-empty shards')
+
+
+def check_one_batch(num_images, batch_size, num_classes, source):
+    """Refuse training data of fewer images than one batch."""
+    # A worker without a whole batch would wait forever for its first one.
+    if num_images < batch_size:
+        raise ValueError(f'{source} has {num_images} images of the first '
+                         f'{num_classes} identities, fewer than the batch '
+                         f'size {batch_size}: not one batch to train on')
+
+
+def check_equal_parts(batch_size, num_parts):
+    """Refuse a batch that does not cut into `num_parts` equal parts."""
+    if batch_size % num_parts:
+        raise ValueError(f'a batch of {batch_size} does not cut into '
+                         f'{num_parts} equal parts')
+
+
+def check_timed_steps(num_steps):
+    """Refuse fewer than two steps: the speed is timed after the first."""
+    if num_steps < 2:
+        raise ValueError(f'num_steps must be at least 2, not {num_steps}')
+
+
 
 # Training, verification and deployment.
 

@@ -631,11 +631,7 @@ def face_resnet(depth=18, width=1.0, embedding_size=512, dropout=0.0):
     """Return a Face-ResNet of the given depth (18, 34, 50 or 100).
 
     Defined in :numref:`sec_facerecognition_arcface`"""
-    if depth not in FACE_RESNET_UNITS:
-        raise ValueError(f'depth must be one of '
-                         f'{sorted(FACE_RESNET_UNITS)}, not {depth!r}')
-    if not width > 0:
-        raise ValueError(f'width must be positive, not {width!r}')
+    checks.check_face_resnet(depth, FACE_RESNET_UNITS, width)
     return FaceResNet(FACE_RESNET_UNITS[depth], width, embedding_size,
                       dropout)
 
@@ -662,16 +658,6 @@ MARGIN_SETTINGS = {  # (m1, m2, m3)
     'cosface': (1.0, 0.0, 0.35), 'arcface': (1.0, 0.5, 0.0),
     'combined': (1.0, 0.3, 0.2)}
 
-def check_margin(s, m1, m2, m3):
-    """Refuse a scale or margins that make the logits infinite or NaN.
-
-    Defined in :numref:`sec_facerecognition_arcface`"""
-    if not (math.isfinite(s) and s > 0 and math.isfinite(m1) and m1 > 0
-            and 0 <= m2 < math.pi and math.isfinite(m3)):
-        raise ValueError(f'need a finite s > 0, a finite m1 > 0, '
-                         f'0 <= m2 < pi and a finite m3, not s={s}, m1={m1}, '
-                         f'm2={m2}, m3={m3}')
-
 class MarginLogits(nn.Block):
     """Scaled cosine logits with an angular margin on the target class.
 
@@ -679,7 +665,7 @@ class MarginLogits(nn.Block):
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.0,
                  m3=0.0, eps=1e-7, **kwargs):
         super().__init__(**kwargs)
-        check_margin(s, m1, m2, m3)
+        checks.check_margin(s, m1, m2, m3)
         self.num_classes, self.eps = num_classes, eps
         self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
         self.weight = self.params.get(
@@ -1243,10 +1229,8 @@ def identify(probes, gallery, threshold=None):
 def split_classes(num_classes, num_shards):
     """Split range(num_classes) into `num_shards` contiguous (start, stop).
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
-    if not 1 <= num_shards <= num_classes:
-        raise ValueError(f'cannot split {num_classes} classes into '
-                         f'{num_shards} non-empty shards')
+    Defined in :numref:`sec_facerecognition_model_parallel`"""
+    checks.check_shards(num_classes, num_shards)
     base, extra = divmod(num_classes, num_shards)
     stops = [(i + 1) * base + min(i + 1, extra) for i in range(num_shards)]
     return list(zip([0] + stops[:-1], stops))
@@ -1254,7 +1238,7 @@ def split_classes(num_classes, num_shards):
 def sharded_softmax_loss(logits, labels, ranges, home):
     """Softmax cross-entropy from per-shard logits, never gathered.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_model_parallel`"""
     # logits[i] holds the logits of classes ranges[i] for the whole batch on
     # its shard's device; the per-example loss is returned on `home`.
     # 1. k maxima per example come home; the largest is the shift M.
@@ -1275,7 +1259,7 @@ def sharded_softmax_loss(logits, labels, ranges, home):
 class ShardedMarginLoss(nn.Block):
     """Margin softmax loss with the class weight split over devices.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_model_parallel`"""
     def __init__(self, num_classes, embedding_size, devices, s=64.0, m1=1.0,
                  m2=0.0, m3=0.0, **kwargs):
         super().__init__(**kwargs)
@@ -1304,23 +1288,20 @@ class ShardedMarginLoss(nn.Block):
 def worker_dataset(data_dir, num_classes, batch_size, rank, num_workers):
     """A worker's share of the images: at least one batch of them.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_data_parallel`"""
     # Every `num_workers`-th image of the first `num_classes` identities,
     # starting at the worker's `rank`.
     dataset = FaceDataset(data_dir)
     items = [item for item in dataset.items if item[1] < num_classes]
     dataset.items = items[rank::num_workers]
-    if len(dataset) < batch_size:
-        raise ValueError(
-            f'worker {rank} of {num_workers} has {len(dataset)} images of '
-            f'the first {num_classes} identities in {data_dir}, fewer than '
-            f'the batch size {batch_size}: not one batch to train on')
+    checks.check_one_batch(len(dataset), batch_size, num_classes,
+                           f'worker {rank} of {num_workers} in {data_dir}')
     return dataset
 
 def init_face_worker(num_classes, width, devices, seed, rank):
     """The same small face net and margin layer on every worker.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_data_parallel`"""
     # Then each worker seeds its own order and flips of images.
     net = face_resnet(18, width=width, embedding_size=64)
     head = MarginLogits(num_classes, 64, s=16.0, m3=0.1)
@@ -1336,9 +1317,8 @@ def train_face_worker(data_dir, out_dir, kvstore='dist_sync', num_classes=20,
                       seed=0):
     """Train a small face net on this worker's part of the data.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
-    if num_steps < 2:  # the throughput is measured after the first step
-        raise ValueError(f'num_steps must be at least 2, not {num_steps}')
+    Defined in :numref:`sec_facerecognition_data_parallel`"""
+    checks.check_timed_steps(num_steps)  # the speed is timed from step 2
     store = kv.create(kvstore)
     rank, num_workers = store.rank, store.num_workers
     dataset = worker_dataset(data_dir, num_classes, batch_size, rank,

@@ -623,11 +623,7 @@ def face_resnet(depth=18, width=1.0, embedding_size=512, dropout=0.0):
     """Return a Face-ResNet of the given depth (18, 34, 50 or 100).
 
     Defined in :numref:`sec_facerecognition_arcface`"""
-    if depth not in FACE_RESNET_UNITS:
-        raise ValueError(f'depth must be one of '
-                         f'{sorted(FACE_RESNET_UNITS)}, not {depth!r}')
-    if not width > 0:
-        raise ValueError(f'width must be positive, not {width!r}')
+    checks.check_face_resnet(depth, FACE_RESNET_UNITS, width)
     return FaceResNet(FACE_RESNET_UNITS[depth], width, embedding_size,
                       dropout)
 
@@ -658,16 +654,6 @@ MARGIN_SETTINGS = {  # (m1, m2, m3)
     'cosface': (1.0, 0.0, 0.35), 'arcface': (1.0, 0.5, 0.0),
     'combined': (1.0, 0.3, 0.2)}
 
-def check_margin(s, m1, m2, m3):
-    """Refuse a scale or margins that make the logits infinite or NaN.
-
-    Defined in :numref:`sec_facerecognition_arcface`"""
-    if not (math.isfinite(s) and s > 0 and math.isfinite(m1) and m1 > 0
-            and 0 <= m2 < math.pi and math.isfinite(m3)):
-        raise ValueError(f'need a finite s > 0, a finite m1 > 0, '
-                         f'0 <= m2 < pi and a finite m3, not s={s}, m1={m1}, '
-                         f'm2={m2}, m3={m3}')
-
 class MarginLogits(nn.Module):
     """Scaled cosine logits with an angular margin on the target class.
 
@@ -675,7 +661,7 @@ class MarginLogits(nn.Module):
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.0,
                  m3=0.0, eps=1e-7):
         super().__init__()
-        check_margin(s, m1, m2, m3)
+        checks.check_margin(s, m1, m2, m3)
         self.num_classes, self.eps = num_classes, eps
         self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
         self.weight = nn.Parameter(
@@ -1288,10 +1274,8 @@ def identify(probes, gallery, threshold=None):
 def split_classes(num_classes, num_shards):
     """Split range(num_classes) into `num_shards` contiguous (start, stop).
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
-    if not 1 <= num_shards <= num_classes:
-        raise ValueError(f'cannot split {num_classes} classes into '
-                         f'{num_shards} non-empty shards')
+    Defined in :numref:`sec_facerecognition_model_parallel`"""
+    checks.check_shards(num_classes, num_shards)
     base, extra = divmod(num_classes, num_shards)
     stops = [(i + 1) * base + min(i + 1, extra) for i in range(num_shards)]
     return list(zip([0] + stops[:-1], stops))
@@ -1299,7 +1283,7 @@ def split_classes(num_classes, num_shards):
 def sharded_softmax_loss(logits, labels, ranges, home):
     """Softmax cross-entropy from per-shard logits, never gathered.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_model_parallel`"""
     # logits[i] holds the logits of classes ranges[i] for the whole batch on
     # its shard's device; the per-example loss is returned on `home`.
     # 1. k maxima per example come home; the largest is the shift M.
@@ -1320,7 +1304,7 @@ def sharded_softmax_loss(logits, labels, ranges, home):
 class MarginShard(MarginLogits):
     """MarginLogits of a range of classes; other labels get no margin.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_model_parallel`"""
     # A label outside the range is negative or past its end.
     def forward(self, embeddings, labels):
         def unit_rows(x):
@@ -1339,7 +1323,7 @@ class MarginShard(MarginLogits):
 class ShardedMarginLoss(nn.Module):
     """Margin softmax loss with the class weight split over devices.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_model_parallel`"""
     def __init__(self, num_classes, embedding_size, devices, s=64.0, m1=1.0,
                  m2=0.0, m3=0.0):
         super().__init__()
@@ -1360,16 +1344,23 @@ class ShardedMarginLoss(nn.Module):
         return sharded_softmax_loss(self.shard_logits(embeddings, labels),
                                     labels, self.ranges, embeddings.device)
 
-def face_batches(data_dir, num_classes, batch_size, num_steps, seed=0):
+def loss_and_grads(loss_fn, weights, X, y):
+    """Per-example loss; gradients of its sum w.r.t. X and the weights.
+
+    Defined in :numref:`sec_facerecognition_model_parallel`"""
+    X = X.clone().requires_grad_()
+    loss = loss_fn(X, y)
+    grads = torch.autograd.grad(loss.sum(), [X] + weights)
+    return loss.detach(), grads[0], torch.cat([g.cpu() for g in grads[1:]])
+
+def sample_facerec_batches(data_dir, num_classes, batch_size, num_steps,
+                           seed=0):
     """`num_steps` batches, the same in every process with the same seed.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_data_parallel`"""
     # Images of the first `num_classes` identities, shuffled and flipped.
     items = list_facerec_images(data_dir, num_classes)
-    if len(items) < batch_size:
-        raise ValueError(f'{data_dir} has {len(items)} images of the first '
-                         f'{num_classes} identities, fewer than the batch '
-                         f'size {batch_size}: not one batch to train on')
+    checks.check_one_batch(len(items), batch_size, num_classes, data_dir)
     images = torch.stack([torch.from_numpy(onp.ascontiguousarray(
         read_face_image(path))) for path, _ in items]).permute(0, 3, 1, 2)
     labels = torch.tensor([label for _, label in items])
@@ -1390,7 +1381,7 @@ def face_batches(data_dir, num_classes, batch_size, num_steps, seed=0):
 def init_face_model(num_classes, width, seed):
     """A small face net and CosFace-style margin layer, alike for a seed.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_data_parallel`"""
     torch.manual_seed(seed)
     net = face_resnet(18, width=width, embedding_size=64)
     head = MarginLogits(num_classes, 64, s=16.0, m3=0.1)
@@ -1399,12 +1390,10 @@ def init_face_model(num_classes, width, seed):
 def train_on_parts(net, head, batches, parts, num_parts, lr=0.05):
     """SGD on some parts of each batch; the mean loss of each step.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_data_parallel`"""
     # Each batch is cut into `num_parts` equal parts, of which the step
     # trains on those listed in `parts`.
-    if batches[0][0].shape[0] % num_parts:
-        raise ValueError(f'a batch of {batches[0][0].shape[0]} does not '
-                         f'cut into {num_parts} equal parts')
+    checks.check_equal_parts(len(batches[0][1]), num_parts)
     params = list(net.parameters()) + list(head.parameters())
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9,
                                 weight_decay=5e-4)
@@ -1432,7 +1421,7 @@ def train_face_worker(data_dir, out_dir, backend='gloo', num_classes=20,
                       seed=0, dtype='float32'):
     """Train a small face net data parallel in a job torchrun started.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_data_parallel`"""
     # `batch_size` images per rank; each rank saves its losses and model.
     # Reads MASTER_ADDR, RANK, ...
     dist.init_process_group(backend, timeout=DIST_TIMEOUT)
@@ -1441,8 +1430,8 @@ def train_face_worker(data_dir, out_dir, backend='gloo', num_classes=20,
               if backend == 'nccl' else torch.device('cpu'))
     if device.type == 'cuda':
         torch.cuda.set_device(device)  # this rank's GPU, not GPU 0
-    batches = face_batches(data_dir, num_classes, batch_size * world_size,
-                           num_steps, seed)
+    batches = sample_facerec_batches(data_dir, num_classes,
+                                     batch_size * world_size, num_steps, seed)
     net, head = (nn.parallel.DistributedDataParallel(
         m.to(device, getattr(torch, dtype)),
         device_ids=[device] if device.type == 'cuda' else None)
@@ -1466,7 +1455,7 @@ def train_face_worker(data_dir, out_dir, backend='gloo', num_classes=20,
 def dist_sharded_softmax_loss(logits, labels, start):
     """Softmax cross-entropy of the global batch from the ranks' shards.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_multi_machine`"""
     # `logits` are this rank's, of the classes start, start + 1, ...
     top = logits.detach().max(dim=1).values
     dist.all_reduce(top, op=dist.ReduceOp.MAX)  # 1. the shift M
@@ -1481,7 +1470,7 @@ def dist_sharded_softmax_loss(logits, labels, start):
 class DistShardedMarginLoss(nn.Module):
     """Margin softmax loss with the class weight split over the ranks.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_multi_machine`"""
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.0,
                  m3=0.0):
         super().__init__()
@@ -1505,18 +1494,17 @@ class DistShardedMarginLoss(nn.Module):
 def random_margin_problem(num_classes, embedding_size, batch_size, seed=0):
     """Random embeddings, labels and class weight, alike for a seed.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
-    generator = torch.Generator().manual_seed(seed)
-    X = torch.randn(batch_size, embedding_size, generator=generator)
-    y = torch.randint(0, num_classes, (batch_size,), generator=generator)
-    W = torch.randn(num_classes, embedding_size, generator=generator)
-    return X, y, W
+    Defined in :numref:`sec_facerecognition_multi_machine`"""
+    generator = torch.Generator().manual_seed(seed)  # X, y, W in this order
+    return (torch.randn(batch_size, embedding_size, generator=generator),
+            torch.randint(0, num_classes, (batch_size,), generator=generator),
+            torch.randn(num_classes, embedding_size, generator=generator))
 
 def sharded_loss_worker(out_dir, num_classes=1000, embedding_size=64,
                         batch_size=8, margin=(64.0, 1.0, 0.5, 0.0), seed=0):
     """The sharded loss of a random problem and its gradients, per rank.
 
-    Defined in :numref:`sec_facerecognition_parallel`"""
+    Defined in :numref:`sec_facerecognition_multi_machine`"""
     # In a job that torchrun started; each rank saves its own part.
     dist.init_process_group('gloo', timeout=DIST_TIMEOUT)
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -1527,6 +1515,7 @@ def sharded_loss_worker(out_dir, num_classes=1000, embedding_size=64,
     with torch.no_grad():
         weight.copy_(W[start:start + len(weight)])
     mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    os.makedirs(out_dir, exist_ok=True)
     X = X[mine].clone().requires_grad_()
     loss = loss_fn(X, y[mine])
     loss.sum().backward()

@@ -253,8 +253,10 @@ def test_the_ranks_end_when_their_parent_is_killed(sig):
 # ----------------------------------------- what a process leaves behind
 
 # A worker that starts a process in a session of its own (out of reach of
-# its process group), writes that process's pid to a file, and then exits
-# with argv[2] or, for 'sleep', runs on until the job's timeout.
+# its process group), writes that process's pid to a file, waits until the
+# other worker has written its own (so that a failure of the first to finish
+# cannot end the second before it wrote), and then exits with argv[2] or, for
+# 'sleep', runs on until the job's timeout.
 WORKER_WITH_ESCAPEE = (
     'import os, subprocess, sys, time\n'
     'p = subprocess.Popen([sys.executable, "-c", "import time; '
@@ -262,6 +264,8 @@ WORKER_WITH_ESCAPEE = (
     'path = os.path.join(sys.argv[1], str(os.getpid()))\n'
     'open(path + ".tmp", "w").write(str(p.pid))\n'
     'os.rename(path + ".tmp", path)\n'
+    'while len([f for f in os.listdir(sys.argv[1]) '
+    'if not f.endswith(".tmp")]) < 2: time.sleep(0.05)\n'
     'if sys.argv[2] == "sleep": time.sleep(600)\n'
     'sys.exit(int(sys.argv[2]))')
 
@@ -279,13 +283,13 @@ def escapees(folder):
     return pids, alive(procs)
 
 
-def run_cluster(args):
-    return cluster.launch_local_cluster(args, num_workers=2, timeout=5,
+def run_cluster(args, timeout):
+    return cluster.launch_local_cluster(args, num_workers=2, timeout=timeout,
                                         server_args=QUICK)
 
 
-def run_torchrun(args):
-    return cluster.launch_local_torchrun(args, 2, timeout=5)
+def run_torchrun(args, timeout):
+    return cluster.launch_local_torchrun(args, 2, timeout=timeout)
 
 
 @pytest.mark.parametrize('launch', [run_cluster, run_torchrun],
@@ -296,11 +300,14 @@ def run_torchrun(args):
 def test_nothing_a_process_started_outlives_the_job(tmp_path, launch, ending,
                                                     error):
     args = ['-c', WORKER_WITH_ESCAPEE, str(tmp_path), ending]
+    # Long enough for two workers to start on a busy machine; the timeout
+    # case has to wait it out.
+    timeout = 10 if ending == 'sleep' else 120
     if error is None:
-        launch(args)
+        launch(args, timeout)
     else:
         with pytest.raises(error):
-            launch(args)
+            launch(args, timeout)
     pids, running = escapees(tmp_path)
     try:
         assert len(pids) == 2
