@@ -11,9 +11,9 @@ each notebook goes whole to one worker. Two things follow.
   a tab loads the network its training notebook saved, and trains it again
   when it finds none (as on a fresh machine, if it ran beside the training).
   So each tab's training and deployment notebooks go to one worker as one
-  unit (``--dist loadgroup``), training first, and these units are handed
-  out first; every other test file and notebook is a unit of its own, as
-  ``--dist loadscope`` would make it.
+  unit of work (``--dist loadgroup``), training first; every other test file
+  and notebook is a unit of its own, as ``--dist loadscope`` would make it.
+  (pytest-xdist hands out the units with the most tests first.)
 """
 import os
 
@@ -29,13 +29,13 @@ if _workers > 1:  # before any test module imports a framework
 
 
 def _work_unit(item):
-    """The unit of work an item belongs to, and whether it comes first."""
+    """The unit of work an item belongs to, and its place in the order."""
     path = str(item.path)
     name = os.path.basename(path)
     if name in TRAIN_THEN_DEPLOY:
         tab = os.path.basename(os.path.dirname(path))
         return f'{tab}-training-and-deployment', TRAIN_THEN_DEPLOY.index(name)
-    return os.path.relpath(path), len(TRAIN_THEN_DEPLOY)
+    return path, len(TRAIN_THEN_DEPLOY)
 
 
 # Before pytest-xdist reads the marks (its own hook of this name).
@@ -43,4 +43,5 @@ def _work_unit(item):
 def pytest_collection_modifyitems(items):
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_work_unit(item)[0]))
-    items.sort(key=lambda item: _work_unit(item)[1])  # stable: cells in order
+    # Training before deployment; stable, so cells keep their order.
+    items.sort(key=lambda item: _work_unit(item)[1])

@@ -7,6 +7,7 @@ raises ValueError or TypeError (FileNotFoundError for a missing file) and
 returns nothing, unless it says what it returns.
 """
 import math
+import numbers
 import os
 
 import numpy as onp
@@ -75,7 +76,8 @@ def check_bin_count(path, num_images, max_images):
 
 def check_batch_size(batch_size):
     """Refuse a batch size that is not a positive integer."""
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(
+            batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f'batch_size must be a positive integer, not '
                          f'{batch_size!r}')
 
@@ -231,6 +233,8 @@ def check_one_batch(num_images, batch_size, num_classes, source):
 
 def check_equal_parts(batch_size, num_parts):
     """Refuse a batch that does not cut into `num_parts` equal parts."""
+    if not num_parts >= 1:
+        raise ValueError(f'num_parts must be at least 1, not {num_parts!r}')
     if batch_size % num_parts:
         raise ValueError(f'a batch of {batch_size} does not cut into '
                          f'{num_parts} equal parts')
@@ -250,7 +254,8 @@ MIN_BATCH_PER_DEVICE = 2  # batch statistics need two values per feature
 
 def check_pair_images(images):
     """Refuse images that are not (2, n, 3, h, w) with n > 0, as load_bin gives."""
-    if images.ndim != 5 or images.shape[0] != 2 or images.shape[1] == 0:
+    if images.ndim != 5 or images.shape[0] != 2 or images.shape[1] == 0 \
+            or images.shape[2] != 3:
         raise ValueError(f'expected images of shape (2, n, 3, h, w) with '
                          f'n > 0, not {images.shape}')
 
@@ -377,7 +382,7 @@ def check_train_input(train_iter, num_steps, eval_every=1, log_every=1):
     """
     for name, value in [('num_steps', num_steps), ('eval_every', eval_every),
                         ('log_every', log_every)]:
-        if not value >= 1 or int(value) != value:
+        if not (value >= 1 and math.isfinite(value)) or int(value) != value:
             raise ValueError(f'{name} must be a whole number of at least 1, '
                              f'not {value!r}')
     if len(train_iter) == 0:
@@ -410,6 +415,7 @@ def check_gallery(probes, gallery, threshold):
 def check_unit_rows(rows, name):
     """Refuse rows (finite ones) that are not unit embeddings."""
     off = onp.abs(onp.linalg.norm(rows, axis=1) - 1)
+    off = off[onp.isfinite(off)]  # a NaN would hide the largest of the rest
     if len(off) and off.max() > 1e-3:
         raise ValueError(f'{name} rows must be unit embeddings, one '
                          f'is {off.max():g} away from length 1')

@@ -102,14 +102,15 @@ def test_descendants_lists_children_and_grandchildren():
         '"-c", "import time; time.sleep(600)"]); time.sleep(600)')])
     try:
         end = time.monotonic() + 30
-        while len(orphans.descendants()) < 2:  # the child, then its child
+        while not psutil.Process(child.pid).children():  # its child, later
             assert time.monotonic() < end
             time.sleep(0.05)
-        below = orphans.descendants()
-        assert orphans.descendants(child.pid) == [
-            pid for pid in below if pid != child.pid]
+        grandchild = psutil.Process(child.pid).children()[0].pid
+        assert orphans.descendants(child.pid) == [grandchild]
+        # This process may have others, started by earlier tests.
+        assert {child.pid, grandchild} <= set(orphans.descendants())
     finally:
-        for pid in orphans.descendants():
+        for pid in orphans.descendants(child.pid) + [child.pid]:
             os.kill(pid, signal.SIGKILL)
         child.wait()
 
@@ -141,6 +142,7 @@ def test_a_worker_ends_when_its_parent_is_killed(tmp_path, use_pdeathsig):
     path = str(tmp_path / 'worker')
     parent = subprocess.Popen([sys.executable, str(script), path],
                               env=dict(os.environ, PYTHONPATH=REPO))
+    worker = None
     try:
         worker = wait_for(path)  # past die_with_parent
         parent.kill()
@@ -149,5 +151,8 @@ def test_a_worker_ends_when_its_parent_is_killed(tmp_path, use_pdeathsig):
     finally:
         parent.kill()
         parent.wait()
-        for pid in orphans.descendants():  # a worker that outlived its parent
-            os.kill(pid, signal.SIGKILL)
+        if worker is not None:  # it may have outlived its parent
+            try:
+                os.kill(worker, signal.SIGKILL)
+            except ProcessLookupError:  # gone, as it should be
+                pass
