@@ -414,8 +414,11 @@ def check_gallery(probes, gallery, threshold):
 
 def check_unit_rows(rows, name):
     """Refuse rows (finite ones) that are not unit embeddings."""
-    off = onp.abs(onp.linalg.norm(rows, axis=1) - 1)
-    off = off[onp.isfinite(off)]  # a NaN would hide the largest of the rest
+    # Rows with NaN or infinity are the callers' to drop; among the rest a
+    # NaN would hide the largest distance.
+    finite = rows[onp.isfinite(rows).all(axis=1)]
+    with onp.errstate(over='ignore'):  # a norm past float's range is inf
+        off = onp.abs(onp.linalg.norm(finite, axis=1) - 1)
     if len(off) and off.max() > 1e-3:
         raise ValueError(f'{name} rows must be unit embeddings, one '
                          f'is {off.max():g} away from length 1')

@@ -33,6 +33,8 @@ NON_NEGATIVE = {'warmup_steps', 'wd', 'momentum', 'dropout', 'seed',
 CHOICES = {'depth': sorted(d2lf.FACE_RESNET_UNITS),
            'margin': sorted(d2lf.MARGIN_SETTINGS),
            'dtype': ['float32', 'float64']}
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot be trained with."""
 
@@ -85,7 +87,8 @@ def check_config(config, preset):
 def parse_bool(text):
     """A flag's true or false."""
     if text.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(f'not true or false: {text!r}')
+        # argparse shows this message (of a ValueError, only the type name)
+        raise argparse.ArgumentTypeError(f'not true or false: {text!r}')
     return text.lower() in ('true', '1')
 
 

@@ -771,7 +771,8 @@ def test_unit_rows_pass(rows):
 
 
 @pytest.mark.parametrize('scale, off', [(1.0011, '0.0011'), (0.998, '0.002'),
-                                        (0.5, '0.5'), (0, '1')])
+                                        (0.5, '0.5'), (0, '1'),
+                                        (1e300, 'inf')])
 def test_a_row_off_unit_length_is_refused_with_how_far(scale, off):
     rows = unit_rows(3)
     rows[1] *= scale

@@ -22,7 +22,7 @@ import torch
 from synthetic import REPO, packless_copy
 from d2l_face import onnxrun, publish
 from d2l_face import torch as d2lf
-from d2l_face import train, train_config
+from d2l_face import train
 
 NUM_STEPS, EVERY = 6, 2
 ARGS = ['--num-steps', str(NUM_STEPS), '--checkpoint-every', str(EVERY),
@@ -219,42 +219,6 @@ def test_nothing_outlives_a_killed_torchrun(data_dir, tmp_path):
     proc.communicate(timeout=TIMEOUT)
     _, alive = psutil.wait_procs(ranks, timeout=60)
     assert not alive
-
-
-@pytest.mark.parametrize('args, message', [
-    (['--lr', '-1'], 'lr must be positive'),
-    (['--num-steps', '2.5'], "--num-steps: invalid int value: '2.5'"),
-    (['--s', 'nan'], 's must be a finite number'),
-    (['--dropout', '1'], 'dropout must be below 1'),
-    (['--margin', 'bogus'], 'margin must be one of'),
-    (['--sample-rate', '1.5'], 'sample_rate must be at most 1'),
-    (['--val-dirs', '/nonexistent'], '/nonexistent: not a folder'),
-])
-def test_bad_flag_is_named(data_dir, tmp_path, capsys, args, message):
-    out = tmp_path / 'out'
-    with pytest.raises(SystemExit) as error:
-        train_config.parse_config(['--data', data_dir, '--out', str(out),
-                                   *args])
-    assert error.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()
-
-
-@pytest.mark.parametrize('text, message', [
-    ('{"lr": 0.1, "bogus": 1}', "unknown key 'bogus'"),
-    ('{"s": NaN}', 's must be a finite number'),
-    ('{"momentum": Infinity}', 'momentum must be a finite number'),
-    ('{"fp16": 1}', 'fp16 must be bool'),
-    ('[1, 2]', 'must hold a JSON object'),
-])
-def test_bad_config_file_is_named(data_dir, tmp_path, capsys, text, message):
-    config = tmp_path / 'config.json'
-    config.write_text(text)
-    with pytest.raises(SystemExit):
-        train_config.parse_config(['--data', data_dir, '--out',
-                                   str(tmp_path / 'o'), '--config',
-                                   str(config)])
-    assert message in capsys.readouterr().err
 
 
 def test_bad_value_under_torchrun_stops_before_training(data_dir, tmp_path):
