@@ -103,3 +103,11 @@ def smuggled(hidden, shown=(112, 112)):
 def to_numpy(x):
     """A NumPy array of a batch of either tab: MXNet's or PyTorch's."""
     return x.asnumpy() if hasattr(x, 'asnumpy') else x.numpy()
+
+
+def assert_close(actual, expected, what):
+    """Equal to 1e-5, relative to the largest magnitude of `expected`."""
+    actual, expected = onp.asarray(actual), onp.asarray(expected)
+    scale = max(1.0, float(onp.abs(expected).max()))
+    onp.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * scale,
+                                err_msg=what)

@@ -26,17 +26,9 @@ from d2l_face import cluster
 from d2l_face import mxnet as d2lf_mx
 from d2l_face import standin
 from d2l_face import torch as d2lf_torch
-from synthetic import HANG, REPO, deadline
+from synthetic import HANG, REPO, assert_close, deadline
 
 npx.set_np()
-
-
-def assert_close(actual, expected, what):
-    """Equal to 1e-5, relative to the largest magnitude of `expected`."""
-    actual, expected = onp.asarray(actual), onp.asarray(expected)
-    scale = max(1.0, float(onp.abs(expected).max()))
-    onp.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * scale,
-                                err_msg=what)
 
 
 @pytest.fixture(scope='module')

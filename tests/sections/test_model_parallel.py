@@ -12,20 +12,13 @@ from torch.nn import functional as F
 
 from d2l_face import mxnet as d2lf_mx
 from d2l_face import torch as d2lf_torch
+from synthetic import assert_close
 
 npx.set_np()
 
 # (s, m1, m2, m3): ArcFace, and the combined margin of the ArcFace paper.
 MARGINS = {name: (64.0,) + d2lf_mx.MARGIN_SETTINGS[name]
            for name in ('arcface', 'combined')}
-
-
-def assert_close(actual, expected, what):
-    """Equal to 1e-5, relative to the largest magnitude of `expected`."""
-    actual, expected = onp.asarray(actual), onp.asarray(expected)
-    scale = max(1.0, float(onp.abs(expected).max()))
-    onp.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * scale,
-                                err_msg=what)
 
 
 def cpus(d2lf, k):

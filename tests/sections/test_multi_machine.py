@@ -1,6 +1,5 @@
 """Section `multi_machine`: the margin layer sharded over the ranks of a
 torch.distributed job (Gloo), against one process (the PyTorch tab)."""
-import numpy as onp
 import psutil
 import pytest
 import torch
@@ -9,18 +8,11 @@ from torch.nn import functional as F
 
 from d2l_face import cluster
 from d2l_face import torch as d2lf
+from synthetic import assert_close
 
 # (s, m1, m2, m3): ArcFace, and the combined margin of the ArcFace paper.
 MARGINS = {name: (64.0,) + d2lf.MARGIN_SETTINGS[name]
            for name in ('arcface', 'combined')}
-
-
-def assert_close(actual, expected, what):
-    """Equal to 1e-5, relative to the largest magnitude of `expected`."""
-    actual, expected = onp.asarray(actual), onp.asarray(expected)
-    scale = max(1.0, float(onp.abs(expected).max()))
-    onp.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * scale,
-                                err_msg=what)
 
 
 def one_process(X, y, W, margin):
