@@ -1,4 +1,5 @@
-"""Framework-free test data and a deadline, shared by both tabs' tests."""
+"""Framework-free test data, a deadline and process clean-up, shared by
+the test files."""
 import contextlib
 import os
 import shutil
@@ -6,6 +7,7 @@ import signal
 
 import cv2
 import numpy as onp
+import psutil
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,3 +113,25 @@ def assert_close(actual, expected, what):
     scale = max(1.0, float(onp.abs(expected).max()))
     onp.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * scale,
                                 err_msg=what)
+
+
+def alive(procs):
+    """The processes of `procs` that still run (a zombie has ended)."""
+    running = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                running.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
+def end_all(procs):
+    """Kill whatever of `procs` still runs: a test leaves nothing behind."""
+    for p in alive(procs):
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)

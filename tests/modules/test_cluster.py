@@ -14,33 +14,11 @@ import time
 import psutil
 import pytest
 
-from synthetic import REPO
+from synthetic import REPO, alive, end_all
 from d2l_face import cluster
 
 SLEEP = ['-c', 'import time; time.sleep(600)']
 QUICK = ['-c', 'pass']  # a scheduler or server that is done at once
-
-
-def alive(procs):
-    """The processes of `procs` that still run (a zombie has ended)."""
-    running = []
-    for p in procs:
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                running.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return running
-
-
-def end_all(procs):
-    """Kill whatever of `procs` still runs: a test leaves nothing behind."""
-    for p in alive(procs):
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=5)
 
 
 def wait_until_gone(procs, timeout):

@@ -26,7 +26,7 @@ from d2l_face import cluster
 from d2l_face import mxnet as d2lf_mx
 from d2l_face import standin
 from d2l_face import torch as d2lf_torch
-from synthetic import HANG, REPO, assert_close, deadline
+from synthetic import HANG, REPO, alive, assert_close, deadline, end_all
 
 npx.set_np()
 
@@ -74,9 +74,9 @@ class ChildWatcher(threading.Thread):
 
 
 def assert_no_process_left(watcher):
-    alive = [p for p in watcher.procs.values() if p.is_running()
-             and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f'still running: {alive}'
+    running = [p for p in watcher.procs.values() if p.is_running()
+               and p.status() != psutil.STATUS_ZOMBIE]
+    assert not running, f'still running: {running}'
     left = set(psutil.Process().children(recursive=True)) - watcher.before
     assert not left, f'still running: {left}'
 
@@ -154,14 +154,12 @@ def test_a_real_job_ends_when_its_parent_is_killed():
         time.sleep(3)  # let the store start and the workers join it
         parent.kill()
         parent.wait()
-        gone, alive = psutil.wait_procs(procs, timeout=5)
-        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        psutil.wait_procs(procs, timeout=5)
+        assert not alive(procs)
     finally:
         parent.kill()
         parent.wait()
-        for p in procs:
-            if p.is_running():
-                p.kill()
+        end_all(procs)
 
 
 def tiny_worker_flips(data_dir, rank, seed=0, num_flips=32):
@@ -360,14 +358,12 @@ def test_ranks_end_when_their_parent_is_killed(tmp_path, sig):
         assert sum(map(connected, procs)) == 2, procs
         parent.send_signal(sig)
         parent.wait(timeout=30)
-        gone, alive = psutil.wait_procs(procs, timeout=10)
-        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        psutil.wait_procs(procs, timeout=10)
+        assert not alive(procs)
     finally:
         parent.kill()
         parent.wait()
-        for p in procs:
-            if p.is_running():
-                p.kill()
+        end_all(procs)
 
 
 def test_every_rank_sets_a_timeout_shorter_than_gloos_default():
